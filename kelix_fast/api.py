@@ -1,0 +1,502 @@
+"""User-facing API of the autoregressive side: :class:`KelixAR` (Kelix-Tok + LLM + Block Decoder).
+
+Every public method validates its inputs before any compute and raises ``ValueError``/``TypeError`` naming
+the argument and the expected value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kelix_fast.config import KelixARConfig
+from kelix_fast.models.kelix_ar import CHECKPOINT_RENAMES, DEAD_TENSORS, KelixARModel
+from kelix_fast.ops.codebook_argmin import MODES as VQ_MODES
+from kelix_fast.runtime import generation
+from kelix_fast.runtime.sampling import SAMPLERS, SamplingParams
+from kelix_fast.weights import SafetensorsCheckpoint, load_weights
+
+__all__ = ["GenerationOutput", "KelixAR"]
+
+logger = logging.getLogger(__name__)
+
+PromptIds = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :meth:`KelixAR.generate` for B requests.
+
+    Attributes:
+        groups: [B, T, G+1] int64. Request b's prompt groups followed by its new groups, valid in
+            ``groups[b, :lengths[b]]`` (later rows are end-of-block padding). Prompt groups are laid out as
+            the official ``generate`` returns them: image positions keep the placeholder id in their G
+            slots (the image ids themselves are ``tokenize_images``' output). For B = 1, T = L + n_new.
+        lengths: [B] int64, prompt length + new groups of each request.
+        hidden_states: [B, T - 1, D] or None. Last-layer LLM outputs (before the final norm) at every
+            position fed to the LLM (the last new group is never fed); request b valid in
+            ``[:lengths[b] - 1]``, zero after.
+        block_decoder_ids: [B, N, G+1] int64, the ids the Block Decoder chain chose for each new group
+            (-1 = step not run; equals the group up to its first end-of-block when greedy). N is the most
+            new groups of any request; rows past a request's own count are -1.
+    """
+
+    groups: torch.Tensor
+    lengths: torch.Tensor
+    hidden_states: torch.Tensor | None
+    block_decoder_ids: torch.Tensor
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class KelixAR:
+    """The Kelix AR engine: tokenize images, build group prompts, score them and generate blocks.
+
+    Build it with :meth:`from_pretrained` (official checkpoint directory) or ``kelix_fast.presets.tiny()``.
+    """
+
+    def __init__(self, model: KelixARModel, *, vq: str = "reference") -> None:
+        if vq not in VQ_MODES:
+            raise ValueError(f"KelixAR: vq must be one of {list(VQ_MODES)}, got {vq!r}")
+        self.model = model
+        self.vq = vq
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        vq: str = "reference",
+    ) -> KelixAR:
+        """Load an official Kelix AR checkpoint directory (``config.json`` + ``*.safetensors``).
+
+        Args:
+            path: directory with the muse ``config.json`` and one or many safetensors files (with or
+                without ``model.safetensors.index.json``).
+            device: default CUDA when available, else CPU.
+            dtype: engine dtype; default bfloat16 on CUDA, float32 on CPU. Weights are cast once at load.
+            vq: ``"reference"`` (official distance arithmetic) or ``"exact"`` (float32 nearest neighbour).
+
+        Raises:
+            ConfigError: unsupported config. WeightsMismatchError: missing/unexpected/mis-shaped tensors.
+        """
+        config = KelixARConfig.from_json(path)
+        return cls.from_weights(
+            config, SafetensorsCheckpoint(path), device=device, dtype=dtype, vq=vq
+        )
+
+    @classmethod
+    def from_weights(
+        cls,
+        config: KelixARConfig,
+        weights: SafetensorsCheckpoint | Mapping[str, torch.Tensor],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        vq: str = "reference",
+    ) -> KelixAR:
+        """Like :meth:`from_pretrained` with a parsed config and tensors under the official key names."""
+        device = torch.device(device) if device is not None else _default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"KelixAR: dtype must be float32, bfloat16 or float16, got {dtype}")
+        if vq not in VQ_MODES:
+            raise ValueError(f"KelixAR: vq must be one of {list(VQ_MODES)}, got {vq!r}")
+        with torch.device("meta"):
+            model = KelixARModel(config)
+        load_weights(
+            model,
+            weights,
+            dead=DEAD_TENSORS,
+            renames=CHECKPOINT_RENAMES,
+            partial_rows=model.partial_rows(),
+            device=device,
+            dtype=dtype,
+        )
+        with torch.inference_mode():
+            model.process_weights_after_loading()
+        model.eval()
+        engine = cls(model, vq=vq)
+        logger.info(
+            "kelix_fast: loaded Kelix AR on %s in %s, resident %.3f GB (dead tensors dropped: %s; "
+            "quantizer tables replaced by codebooks)",
+            device,
+            str(dtype).removeprefix("torch."),
+            engine.resident_bytes() / 1e9,
+            ", ".join(DEAD_TENSORS),
+        )
+        return engine
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def config(self) -> KelixARConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.llm.norm.scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.llm.norm.scale.dtype
+
+    def resident_bytes(self) -> int:
+        """Bytes held by the engine's parameters and buffers (after dropping dead and raw tensors)."""
+        tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # ------------------------------------------------------------------ Kelix-Tok
+
+    @torch.inference_mode()
+    def tokenize_images(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+    ) -> torch.Tensor:
+        """Images -> visual ids, already offset into the LLM vocabulary.
+
+        Args:
+            pixel_values: [Np, 3, p, p] float, patches of every image in ``image_grid_thw`` order, raster.
+            image_grid_thw: [n, 3] int, ``(1, h, w)`` per image in patches; h and w even, sum h*w = Np.
+
+        Returns:
+            ids: [n_tok, G] int64, ``n_tok = sum h*w/4``; images in order, merged tokens in raster order.
+        """
+        grids = self._check_images(pixel_values, image_grid_thw)
+        pixels = pixel_values.to(self.device)
+        return self.model.tokenizer(
+            pixels, grids, vq=self.vq, vocab_offset=self.config.llm.vocab_size
+        )
+
+    def _check_images(
+        self, pixel_values: object, image_grid_thw: object
+    ) -> list[tuple[int, int, int]]:
+        vision = self.config.tokenizer.vision_config
+        p = vision.patch_size
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a float tensor, got dtype {pixel_values.dtype}")
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (vision.num_channels, p, p):
+            raise ValueError(
+                f"pixel_values must have shape [N, {vision.num_channels}, {p}, {p}], "
+                f"got {list(pixel_values.shape)}"
+            )
+        if isinstance(image_grid_thw, torch.Tensor):
+            if image_grid_thw.is_floating_point() or image_grid_thw.is_complex():
+                raise ValueError(
+                    f"image_grid_thw must be an integer tensor, got {image_grid_thw.dtype}"
+                )
+            grid_list = image_grid_thw.tolist()
+        elif isinstance(image_grid_thw, Sequence):
+            grid_list = [list(g) for g in image_grid_thw]
+        else:
+            raise TypeError(
+                f"image_grid_thw must be a tensor [n, 3], got {type(image_grid_thw).__name__}"
+            )
+        if not grid_list or any(len(g) != 3 for g in grid_list):
+            raise ValueError(f"image_grid_thw must have shape [n >= 1, 3], got {grid_list}")
+        grids = []
+        for i, (t, h, w) in enumerate(grid_list):
+            if t != 1:
+                raise ValueError(f"image_grid_thw[{i}] must have t = 1 (images), got {t}")
+            if h < 2 or w < 2 or h % 2 or w % 2:
+                raise ValueError(
+                    f"image_grid_thw[{i}] = (t, h, w) = ({t}, {h}, {w}): h and w must be even and >= 2 "
+                    "(2x2 patch merge)"
+                )
+            grids.append((int(t), int(h), int(w)))
+        patches = sum(t * h * w for t, h, w in grids)
+        if patches != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw describes {patches} "
+                f"(sum of t*h*w over {grid_list})"
+            )
+        return grids
+
+    # ------------------------------------------------------------------ prompts
+
+    @torch.inference_mode()
+    def expand_prompt(
+        self, prompt_ids: torch.Tensor, image_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token prompt -> groups: text id t becomes ``[t, eob, ..., eob]``; the k-th image placeholder
+        (row-major over the batch) becomes ``[image_ids[k], eob]``.
+
+        Args:
+            prompt_ids: [B, L] int64 text ids in [0, vocab_size).
+            image_ids: [n_tok, G] int64 visual ids (``tokenize_images`` output), one row per placeholder;
+                None keeps the placeholders (``[image_token_id] * G + [eob]``, the official layout).
+
+        Returns:
+            groups: [B, L, G+1] int64 on the engine's device.
+        """
+        prompts = self._check_prompts(prompt_ids, arg="prompt_ids")
+        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
+            raise ValueError("expand_prompt: prompt_ids must be a [B, L] tensor")
+        return torch.stack(self._expand(prompts, image_ids))
+
+    def _check_prompts(self, prompt_ids: object, *, arg: str) -> list[torch.Tensor]:
+        """[B, L] tensor or a list of 1-D id sequences -> list of 1-D int64 tensors on the device."""
+        if isinstance(prompt_ids, torch.Tensor):
+            if prompt_ids.dim() != 2:
+                raise ValueError(f"{arg} must have shape [B, L], got {list(prompt_ids.shape)}")
+            rows = list(prompt_ids)
+        elif isinstance(prompt_ids, Sequence) and not isinstance(prompt_ids, (str, bytes)):
+            rows = [torch.as_tensor(r) for r in prompt_ids]
+        else:
+            raise TypeError(
+                f"{arg} must be a [B, L] int64 tensor or a list of id lists, got {type(prompt_ids).__name__}"
+            )
+        if not rows:
+            raise ValueError(f"{arg} must hold at least one prompt, got B = 0")
+        llm = self.config.llm
+        out = []
+        for b, row in enumerate(rows):
+            if row.numel() == 0:
+                raise ValueError(f"{arg}[{b}] is empty: every prompt needs at least one token")
+            if row.dim() != 1 or row.is_floating_point() or row.dtype == torch.bool:
+                raise ValueError(
+                    f"{arg}[{b}] must be a 1-D integer sequence, got {row.dtype} {list(row.shape)}"
+                )
+            bad = (row < 0) | (row >= llm.vocab_size)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0])
+                raise ValueError(
+                    f"{arg}[{b}] must hold text ids in [0, {llm.vocab_size}), got {int(row[i])} at position {i}"
+                )
+            if row.numel() > llm.max_seq_len:
+                raise ValueError(
+                    f"{arg}[{b}] has {row.numel()} tokens, longer than the model's maximum context "
+                    f"max_seq_len = {llm.max_seq_len}"
+                )
+            out.append(row.to(device=self.device, dtype=torch.int64))
+        return out
+
+    def _expand(
+        self, prompts: list[torch.Tensor], image_ids: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        llm = self.config.llm
+        placeholders = [torch.nonzero(p == llm.image_token_id).flatten() for p in prompts]
+        wanted = sum(int(p.numel()) for p in placeholders)
+        if image_ids is not None:
+            if not isinstance(image_ids, torch.Tensor):
+                raise TypeError(f"image_ids must be a torch.Tensor, got {type(image_ids).__name__}")
+            if (
+                image_ids.dim() != 2
+                or image_ids.shape[1] != llm.n_q_tokens
+                or image_ids.dtype != torch.int64
+            ):
+                raise ValueError(
+                    f"image_ids must be int64 of shape [n_tok, {llm.n_q_tokens}], "
+                    f"got {image_ids.dtype} {list(image_ids.shape)}"
+                )
+            if image_ids.shape[0] != wanted:
+                raise ValueError(
+                    f"the prompt has {wanted} image placeholders (id {llm.image_token_id}) but image_ids "
+                    f"has {image_ids.shape[0]} rows: one merged image token per placeholder is required"
+                )
+            bad = (image_ids < llm.vocab_size) | (image_ids >= llm.total_vocab)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"image_ids must hold visual ids in [{llm.vocab_size}, {llm.total_vocab}), "
+                    f"got {int(image_ids[bad][0])}"
+                )
+            image_ids = image_ids.to(self.device)
+        groups, used = [], 0
+        for p, where in zip(prompts, placeholders):
+            g = torch.full(
+                (p.shape[0], llm.group_size), llm.q_eos_token, dtype=torch.int64, device=self.device
+            )
+            g[:, 0] = p
+            if image_ids is None:
+                g[where, :-1] = llm.image_token_id
+            else:
+                g[where, :-1] = image_ids[used : used + where.numel()]
+                used += where.numel()
+            groups.append(g)
+        return groups
+
+    def _check_groups(self, groups: object) -> torch.Tensor:
+        llm = self.config.llm
+        if not isinstance(groups, torch.Tensor):
+            raise TypeError(f"groups must be a torch.Tensor, got {type(groups).__name__}")
+        if groups.dim() != 3 or groups.shape[-1] != llm.group_size or groups.dtype != torch.int64:
+            raise ValueError(
+                f"groups must be int64 of shape [B, L, {llm.group_size}], got {groups.dtype} {list(groups.shape)}"
+            )
+        if groups.shape[0] == 0 or groups.shape[1] == 0:
+            raise ValueError(
+                f"groups must hold at least one position, got shape {list(groups.shape)}"
+            )
+        if groups.shape[1] > llm.max_seq_len:
+            raise ValueError(
+                f"groups has {groups.shape[1]} positions, longer than max_seq_len = {llm.max_seq_len}"
+            )
+        bad = (groups < 0) | (groups >= llm.total_vocab)
+        if bool(bad.any()):
+            where = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(
+                f"groups must hold ids in [0, {llm.total_vocab}), got {int(groups[where])} at {list(where)}"
+            )
+        return groups.to(self.device)
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.inference_mode()
+    def forward_teacher_forced(
+        self, groups: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The official teacher-forced forward (scoring, conformance).
+
+        Args:
+            groups: [B, L, G+1] int64 ids in [0, V) (e.g. ``expand_prompt`` output).
+
+        Returns:
+            hidden_states: ``num_layers + 1`` tensors [B, L, D]: the group embeddings, then each layer's
+                output (the last one before the final norm).
+            block_logits: [B, L, G+1, V]; row j of position i scores slot j of group i+1. The last position
+                is conditioned on group 0 (the official wrap-around), so its logits are meaningless.
+        """
+        return generation.forward_teacher_forced(self.model, self._check_groups(groups))
+
+    @torch.inference_mode()
+    def forward_greedy_blocks(
+        self, groups: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The official forward without teacher forcing (what its ``generate`` runs at prefill).
+
+        Every position decodes its next block greedily; all stop when the last position of the batch emits
+        end-of-block, or after ``max_length - 1`` steps. Returns (hidden_states as in
+        :meth:`forward_teacher_forced`, block_logits [B, L, K, V]).
+        """
+        return generation.forward_greedy_blocks(self.model, self._check_groups(groups))
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: PromptIds,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        max_new_blocks: int,
+        top_k: int = 1,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        seed: int | Sequence[int] | None = None,
+        sampler: str = "sequential",
+        return_hidden_states: bool = False,
+    ) -> GenerationOutput:
+        """Generate up to ``max_new_blocks`` new groups after each prompt (Next-Block Prediction).
+
+        Args:
+            prompt_ids: [B, L] int64 text ids, or a list of B 1-D id sequences of different lengths. Image
+                placeholders (``image_token_id``) are filled, in order, with the ids of ``pixel_values``.
+            pixel_values, image_grid_thw: the images, as for :meth:`tokenize_images`.
+            max_new_blocks: >= 1, new groups per request (the official ``max_new_tokens=n`` gives n + 1).
+            top_k (>= 0, 0 = off; 1 = greedy), top_p (in (0, 1]), temperature (>= 0): block sampling.
+            seed: None (torch's global RNG), one int (every request draws from its own generator seeded
+                with it) or one int per request. A request's output never depends on its batch.
+            sampler: ``"sequential"`` (each slot conditions the next) or ``"reference"`` (the official
+                ``_sample_group``). Identical when greedy.
+            return_hidden_states: also return the last-layer hidden states.
+
+        A request stops after a generated group with ``<|im_end|>`` in slot 0 (the first one included).
+        """
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        if isinstance(max_new_blocks, bool) or not isinstance(max_new_blocks, int):
+            raise TypeError(f"max_new_blocks must be an int, got {type(max_new_blocks).__name__}")
+        if max_new_blocks < 1:
+            raise ValueError(f"max_new_blocks must be >= 1, got {max_new_blocks}")
+        prompts = self._check_prompts(prompt_ids, arg="prompt_ids")
+        llm = self.config.llm
+        longest = max(p.numel() for p in prompts)
+        if longest + max_new_blocks - 1 > llm.max_seq_len:
+            raise ValueError(
+                f"max_new_blocks = {max_new_blocks} with a {longest}-token prompt needs "
+                f"{longest + max_new_blocks - 1} positions, more than max_seq_len = {llm.max_seq_len}"
+            )
+        generators = self._generators(seed, len(prompts))
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw must be given together")
+        image_ids = (
+            None if pixel_values is None else self.tokenize_images(pixel_values, image_grid_thw)
+        )
+        if image_ids is None and any(bool((p == llm.image_token_id).any()) for p in prompts):
+            raise ValueError(
+                f"prompt_ids holds image placeholders (id {llm.image_token_id}) but no pixel_values were given"
+            )
+        groups = self._expand(prompts, image_ids)
+        results = generation.generate(
+            self.model,
+            groups,
+            max_new_blocks=max_new_blocks,
+            params=params,
+            sampler=sampler,
+            generators=generators,
+            return_hidden_states=return_hidden_states,
+        )
+        return self._collate(self._expand(prompts, None), results, return_hidden_states)
+
+    def _generators(
+        self, seed: int | Sequence[int] | None, batch: int
+    ) -> list[torch.Generator | None]:
+        if seed is None:
+            return [None] * batch
+        seeds = [seed] * batch if isinstance(seed, int) and not isinstance(seed, bool) else seed
+        if (
+            not isinstance(seeds, Sequence)
+            or len(seeds) != batch
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        ):
+            raise ValueError(
+                f"seed must be None, an int or a list of {batch} ints (one per request), got {seed!r}"
+            )
+        return [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+
+    def _collate(
+        self,
+        prompts: list[torch.Tensor],
+        results: list[generation.RequestOutput],
+        with_hidden: bool,
+    ) -> GenerationOutput:
+        llm = self.config.llm
+        full = [torch.cat([p, r.new_groups]) for p, r in zip(prompts, results)]
+        lengths = torch.tensor([f.shape[0] for f in full], dtype=torch.int64)
+        batch, longest = len(full), int(lengths.max())
+        groups = torch.full(
+            (batch, longest, llm.group_size), llm.q_eos_token, dtype=torch.int64, device=self.device
+        )
+        most_new = max(r.chains.shape[0] for r in results)
+        chains = torch.full(
+            (batch, most_new, llm.group_size), -1, dtype=torch.int64, device=self.device
+        )
+        hidden = (
+            torch.zeros(batch, longest - 1, llm.embed_dim, dtype=self.dtype, device=self.device)
+            if with_hidden
+            else None
+        )
+        for b, (f, r) in enumerate(zip(full, results)):
+            groups[b, : f.shape[0]] = f
+            chains[b, : r.chains.shape[0]] = r.chains
+            if hidden is not None:
+                hidden[b, : r.hidden.shape[0]] = r.hidden
+        return GenerationOutput(
+            groups=groups, lengths=lengths, hidden_states=hidden, block_decoder_ids=chains
+        )

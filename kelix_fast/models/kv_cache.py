@@ -1,0 +1,42 @@
+"""A preallocated key/value cache: GQA layout (KV heads only, never expanded), per-request write positions."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer: ``k, v: [num_layers, B, capacity, Hkv, d]``.
+
+    Allocated once per generation call, sized from the requests; rows past a request's length hold stale
+    values that attention masks out by ``kv_lens``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
+        """Store ``k, v: [B, T, Hkv, d]`` of request b at positions ``start[b] .. start[b] + T - 1``."""
+        batch, length = k.shape[:2]
+        if length == 0:
+            return
+        pos = start[:, None] + torch.arange(length, device=start.device)  # [B, T]
+        rows = torch.arange(batch, device=start.device)[:, None]
+        self.k[layer, rows, pos] = k
+        self.v[layer, rows, pos] = v

@@ -1,0 +1,59 @@
+"""Building blocks shared by the Kelix models: RMSNorm, SwiGLU MLP and rotate-half RoPE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``y = (x * rsqrt(mean(x^2) + eps)).to(x.dtype) * scale``, normalised in float32.
+
+    The weight is named ``scale`` as in the official checkpoints. x: [..., D] -> [..., D].
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.scale
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)``; ``bias`` applies to none of the three (both uses here are bias-free)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs ``(j, j + d/2)`` by angle ``a_j`` in float32, then cast back to ``x.dtype``.
+
+    x: [..., d]; cos, sin: [..., d/2] float32, broadcastable to x's leading dims.
+    (The non-interleaved layout of both the Qwen3 RoPE and the flash-attn 2-D RoPE of the ViT.)
+    """
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Table(nn.Module):
+    """A ``weight [rows, dim]`` parameter read by row (embeddings, position tables, codebook tables).
+
+    Plain storage instead of ``nn.Embedding``, whose random init is slow on the meta device and unused.
+    """
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, dim))

@@ -1,0 +1,39 @@
+"""One function per fused operation, each with its PyTorch reference and a backend table.
+
+Models call these; they never launch kernels themselves (ARCHITECTURE.md, "Ops").
+"""
+
+import torch
+
+from kelix_fast.ops import _dispatch
+from kelix_fast.ops import attention as _attention
+from kelix_fast.ops import block_embed as _block_embed
+from kelix_fast.ops import codebook_argmin as _codebook_argmin
+from kelix_fast.ops._dispatch import BACKENDS, BackendUnavailableError
+from kelix_fast.ops.attention import attention, cached_attention
+from kelix_fast.ops.block_embed import block_embed
+from kelix_fast.ops.codebook_argmin import codebook_argmin
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "attention",
+    "block_embed",
+    "cached_attention",
+    "codebook_argmin",
+    "resolve_backend",
+]
+
+_TABLES = {
+    "attention": _attention._ATTENTION_IMPLS,
+    "cached_attention": _attention._CACHED_IMPLS,
+    "block_embed": _block_embed._IMPLS,
+    "codebook_argmin": _codebook_argmin._IMPLS,
+}
+
+
+def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
+    """The backend ``op`` would run for ``backend`` (``"auto"`` or explicit) on these inputs, or raise why none."""
+    if op not in _TABLES:
+        raise ValueError(f"resolve_backend: op must be one of {sorted(_TABLES)}, got {op!r}")
+    return _dispatch.resolve(op, _TABLES[op], backend, *tensors)

@@ -1,0 +1,165 @@
+"""Embedded model presets: configurations and deterministic random weights that need no files.
+
+``tiny()`` is a complete Kelix AR model with the release's token layout (text vocabulary 151,936 with the
+Qwen/Kelix special ids, 8 sub-codebooks after it) and small widths: for the demo, tests and examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from kelix_fast.api import KelixAR
+from kelix_fast.config import (
+    BlockDecoderConfig,
+    KelixARConfig,
+    LLMConfig,
+    TokenizerConfig,
+    VisionConfig,
+)
+from kelix_fast.models.kelix_ar import KelixARModel
+
+__all__ = ["random_weights", "tiny", "tiny_config", "write_checkpoint"]
+
+# Special ids of the release (kelix-ar.md §2.2).
+TEXT_VOCAB = 151936
+ENDOFTEXT, IM_START, IM_END = 151643, 151644, 151645
+VISION_START, VISION_END, IMAGE_PAD = 151652, 151653, 151655
+Q_EOS = 151681
+
+
+def tiny_config(*, codes_per_group: int = 64) -> KelixARConfig:
+    """Release token layout, tiny widths: LLM 64 wide (2 layers, GQA 4/2), ViT 32 wide, codes 8 x K."""
+    n_q = 8
+    codebook_size = n_q * codes_per_group
+    vision = VisionConfig(
+        image_size=56,
+        patch_size=14,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        layer_norm_eps=1e-6,
+        rope_theta=10000.0,
+    )
+    tokenizer = TokenizerConfig(
+        vision_config=vision,
+        codebook_size=codebook_size,
+        embedding_dim=16,
+        init_embedding_dim=24,
+        llm_hidden_size=64,
+        n_q_tokens=n_q,
+        split_voc=n_q,
+        output_dim=48,
+        fusion_type="sum",
+    )
+    llm = LLMConfig(
+        vocab_size=TEXT_VOCAB,
+        embed_dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_dim=128,
+        max_seq_len=4096,
+        rope_base=1_000_000.0,
+        norm_eps=1e-6,
+        eos_token_id=IM_END,
+        image_token_id=IMAGE_PAD,
+        pad_token_id=ENDOFTEXT,
+        q_eos_token=Q_EOS,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        codebook_size=codebook_size,
+        n_q_tokens=n_q,
+    )
+    block_decoder = BlockDecoderConfig(
+        vocab_size=TEXT_VOCAB + codebook_size,
+        max_pos_length=16,
+        max_length=n_q + 1,
+        d_model=32,
+        eos_token=Q_EOS,
+        nhead=2,
+        num_layers=1,
+        dim_feedforward=64,
+        input_dim=64,
+    )
+    return KelixARConfig(llm=llm, tokenizer=tokenizer, block_decoder=block_decoder)
+
+
+def random_weights(config: KelixARConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic random float32 weights for ``config`` under the official key names.
+
+    Each tensor has its own generator seeded from ``sha256(f"{seed}|{key}")``, so values do not depend on
+    construction order. Norm weights 1 + 0.1 N, biases 0.05 N, embeddings N(0, 1), matrices
+    N(0, 1/fan_in). As in the golden fixtures, the output row of the end-of-block id is scaled by 4 (so the
+    random model closes blocks) and that of the image placeholder by 0.1 (so it is practically never emitted).
+    """
+    weights = {}
+    for key, shape in KelixARModel.checkpoint_layout(config).items():
+        digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        value = torch.randn(shape, generator=gen)
+        leaf = key.rsplit(".", 2)
+        is_norm = any(
+            part.endswith("norm") or part in ("pre_norm", "ln_post") for part in leaf[:-1]
+        )
+        if is_norm and leaf[-1] in ("weight", "scale"):
+            value = 1.0 + 0.1 * value
+        elif leaf[-1] == "bias":
+            value = 0.05 * value
+        elif len(shape) >= 2 and not key.endswith(("embed_tokens.weight", "embedding.weight")):
+            value = value / (value[0].numel() ** 0.5)
+        weights[key] = value
+    head = weights["model.model.output.weight"]
+    head[config.llm.q_eos_token] *= 4.0
+    head[config.llm.image_token_id] *= 0.1
+    return weights
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    config: KelixARConfig,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    num_shards: int = 1,
+) -> None:
+    """Write ``config.json`` and the weights as the release does (``model-0000k-of-0000n.safetensors`` and
+    ``model.safetensors.index.json`` when sharded, else ``model.safetensors``)."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    keys = sorted(weights)
+    if num_shards == 1:
+        save_file(
+            {k: weights[k].contiguous() for k in keys}, os.path.join(path, "model.safetensors")
+        )
+        return
+    weight_map = {}
+    for shard in range(num_shards):
+        name = f"model-{shard:05d}-of-{num_shards:05d}.safetensors"
+        part = keys[shard::num_shards]
+        save_file({k: weights[k].contiguous() for k in part}, os.path.join(path, name))
+        weight_map.update(dict.fromkeys(part, name))
+    with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+
+
+def tiny(
+    seed: int = 0,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    vq: str = "reference",
+) -> KelixAR:
+    """The embedded tiny Kelix AR model (:func:`tiny_config`) with :func:`random_weights` of ``seed``."""
+    config = tiny_config()
+    return KelixAR.from_weights(
+        config, random_weights(config, seed), device=device, dtype=dtype, vq=vq
+    )

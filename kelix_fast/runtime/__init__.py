@@ -1,0 +1,1 @@
+"""The engine: generation loop, Block Decoder stepping, sampling."""

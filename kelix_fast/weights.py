@@ -1,0 +1,180 @@
+"""Checkpoint loading: sharded safetensors, memory-mapped, bound to modules by the official key names.
+
+One strict loader (STYLE.md §11): the model's ``named_parameters()`` (after its prefix renames) is the
+checkpoint layout. Unknown, missing and mis-shaped tensors are reported together in one
+:class:`WeightsMismatchError`; the model's known-dead tensors are accepted and never read. Each tensor is cast
+to the engine dtype once, while it is copied out of the memory map. A model may declare tensors of which it
+reads only some rows (the 1/8 slice of each quantizer table): only those rows leave the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+__all__ = ["SafetensorsCheckpoint", "WeightsMismatchError", "checkpoint_key", "load_weights"]
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightsMismatchError(ValueError):
+    """The checkpoint does not match the model; lists every unknown, missing and mis-shaped tensor."""
+
+    def __init__(
+        self,
+        *,
+        unknown: Sequence[str] = (),
+        missing: Sequence[str] = (),
+        wrong_shape: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+    ) -> None:
+        self.unknown, self.missing, self.wrong_shape = (
+            list(unknown),
+            list(missing),
+            list(wrong_shape),
+        )
+        lines = ["checkpoint does not match the model:"]
+        if self.missing:
+            lines.append(f"  missing keys ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unknown:
+            lines.append(f"  unexpected keys ({len(self.unknown)}): {', '.join(self.unknown)}")
+        for key, got, want in self.wrong_shape:
+            lines.append(
+                f"  wrong shape: {key}: checkpoint {list(got)}, model expects {list(want)}"
+            )
+        super().__init__("\n".join(lines))
+
+
+class SafetensorsCheckpoint:
+    """Every ``*.safetensors`` file of a directory (or those named by ``model.safetensors.index.json``).
+
+    Files are opened memory-mapped; nothing is read until :meth:`get`/:meth:`get_rows`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        root = Path(path)
+        if root.is_file():
+            files = [root]
+            root = root.parent
+        elif (root / INDEX_FILE).is_file():
+            with open(root / INDEX_FILE, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"weights: {root / INDEX_FILE} has no 'weight_map' object")
+            files = [root / name for name in sorted(set(weight_map.values()))]
+        else:
+            files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"weights: no *.safetensors file in {root}")
+        self._files: dict[str, object] = {}
+        self._where: dict[str, object] = {}
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"weights: {file} (named by {INDEX_FILE}) does not exist")
+            handle = safe_open(str(file), framework="pt")
+            self._files[str(file)] = handle
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if key in self._where:
+                    raise ValueError(
+                        f"weights: tensor {key!r} appears in more than one file ({file})"
+                    )
+                self._where[key] = handle
+        if (root / INDEX_FILE).is_file() and root.is_dir():
+            listed = set(weight_map)
+            absent = sorted(listed - self._where.keys())
+            if absent:
+                raise ValueError(
+                    f"weights: {INDEX_FILE} lists tensors absent from the files: {absent}"
+                )
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``key`` without reading the rest of the tensor."""
+        return self._where[key].get_slice(key)[start:stop]
+
+
+def _rename(key: str, renames: Sequence[tuple[str, str]]) -> str:
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def load_weights(
+    model: nn.Module,
+    checkpoint: SafetensorsCheckpoint | Mapping[str, torch.Tensor],
+    *,
+    dead: Collection[str] = (),
+    renames: Sequence[tuple[str, str]] = (),
+    partial_rows: Mapping[str, tuple[int, int]] = {},
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> None:
+    """Bind checkpoint tensors to ``model``'s parameters by name, strictly, casting once to ``dtype``.
+
+    Args:
+        model: built on the ``meta`` device (or any device); its parameters are replaced.
+        checkpoint: an opened checkpoint or a plain ``{key: tensor}`` mapping (official key names).
+        dead: checkpoint keys that are accepted and dropped unread.
+        renames: ``(checkpoint prefix, module prefix)`` pairs, first match wins.
+        partial_rows: checkpoint key -> ``(start, stop)``: the parameter receives only those rows (its
+            declared shape is still the full checkpoint shape, which is what gets validated).
+
+    Raises:
+        WeightsMismatchError: listing every unknown, missing and mis-shaped tensor.
+    """
+    if isinstance(checkpoint, SafetensorsCheckpoint):
+        shapes = {key: checkpoint.shape(key) for key in checkpoint}
+    else:
+        shapes = {key: tuple(t.shape) for key, t in checkpoint.items()}
+    params = dict(model.named_parameters())
+    by_param = {_rename(key, renames): key for key in shapes if key not in dead}
+    unknown = sorted(key for name, key in by_param.items() if name not in params)
+    missing = sorted(checkpoint_key(name, renames) for name in params if name not in by_param)
+    wrong = sorted(
+        (key, shapes[key], tuple(params[name].shape))
+        for name, key in by_param.items()
+        if name in params and shapes[key] != tuple(params[name].shape)
+    )
+    if unknown or missing or wrong:
+        raise WeightsMismatchError(unknown=unknown, missing=missing, wrong_shape=wrong)
+
+    modules = dict(model.named_modules())
+    for name, key in by_param.items():
+        rows = partial_rows.get(key)
+        if isinstance(checkpoint, SafetensorsCheckpoint):
+            value = checkpoint.get(key) if rows is None else checkpoint.get_rows(key, *rows)
+        else:
+            value = checkpoint[key] if rows is None else checkpoint[key][rows[0] : rows[1]]
+        target = dtype if value.is_floating_point() else value.dtype
+        value = value.to(device=device, dtype=target, copy=True)
+        owner, _, attr = name.rpartition(".")
+        setattr(modules[owner], attr, nn.Parameter(value, requires_grad=False))
+
+
+def checkpoint_key(param: str, renames: Sequence[tuple[str, str]]) -> str:
+    """The checkpoint key of module parameter ``param`` (inverse of the load-time renames)."""
+    for old, new in renames:
+        if param.startswith(new):
+            return old + param[len(new) :]
+    return param

@@ -1,0 +1,157 @@
+"""``ops.codebook_argmin``: hand-worked cases, ties, the official cdist arithmetic, awkward sizes, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kelix_fast import ops
+from kelix_fast.ops import BackendUnavailableError
+
+
+def make_codebook_inputs(n: int, *, groups: int = 8, codes: int = 67, dim: int = 16, seed: int = 0):
+    """Random queries/codebooks of awkward sizes (K not a multiple of any tile)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, groups * dim, generator=gen) * 3 + 1
+    weight = 1 + 0.1 * torch.randn(groups, dim, generator=gen)
+    bias = 0.1 * torch.randn(groups, dim, generator=gen)
+    codebooks = torch.randn(groups, codes, dim, generator=gen)
+    return z, weight, bias, codebooks
+
+
+def brute_force(z, weight, bias, codebooks, offset):
+    """float64 |u - c|^2 argmin: the definition of the nearest neighbour."""
+    groups, codes, dim = codebooks.shape
+    u = torch.stack(
+        [
+            F.layer_norm(z[:, g * dim : (g + 1) * dim], (dim,), weight[g], bias[g], 1e-5)
+            for g in range(groups)
+        ],
+        1,
+    )
+    dist = (u.double()[:, :, None] - codebooks.double()[None]).square().sum(-1)  # [n, G, K]
+    return dist.argmin(-1) + offset + codes * torch.arange(groups)
+
+
+def test_hand_worked_case():
+    # G=2 groups of d=2; the LayerNorm (unit weight, zero bias) maps any (a, b) with a > b to (1, -1).
+    z = torch.tensor([[3.0, 1.0, -2.0, 5.0]])
+    codebooks = torch.tensor(
+        [[[0.0, 0.0], [1.0, -1.0], [-1.0, 1.0]], [[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0]]]
+    )
+    ones, zeros = torch.ones(2, 2), torch.zeros(2, 2)
+    for mode in ("reference", "exact"):
+        ids = ops.codebook_argmin(z, ones, zeros, codebooks, vocab_offset=100, mode=mode)
+        assert ids.tolist() == [
+            [100 + 1, 100 + 3 + 2]
+        ]  # group 0 -> code 1; group 1 -> code 2 (offset + K*g)
+
+
+@pytest.mark.parametrize("n", [1, 7, 130])
+def test_exact_ties_take_the_first_index(n):
+    """Every nearest code gets a later exact duplicate (the tail column of a 67-wide GEMM included)."""
+    z, weight, bias, codebooks = make_codebook_inputs(n, groups=2, codes=67, dim=16, seed=n)
+    nearest = brute_force(z, weight, bias, codebooks, 0) - 67 * torch.arange(2)
+    tied = codebooks.clone()
+    for g in range(2):
+        tied[g, 66] = tied[g, nearest[0, g]]
+        tied[g, 33] = tied[g, nearest[-1, g]]
+    ids = ops.codebook_argmin(z, weight, bias, tied, vocab_offset=0, mode="exact")
+    want = brute_force(
+        z, weight, bias, tied, 0
+    )  # float64 argmin keeps the first of equal distances
+    assert torch.equal(ids, want)
+
+
+@pytest.mark.parametrize("n", [1, 7, 130])
+@pytest.mark.parametrize("mode", ["reference", "exact"])
+def test_float32_modes_find_the_nearest_code(n, mode):
+    z, weight, bias, codebooks = make_codebook_inputs(n, seed=n)
+    want = brute_force(z, weight, bias, codebooks, 151936)
+    ids = ops.codebook_argmin(
+        z, weight, bias, codebooks, vocab_offset=151936, mode=mode, backend="torch"
+    )
+    assert torch.equal(ids, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_mode_is_the_official_cdist_arithmetic(dtype):
+    """``mode="reference"`` equals ``cdist(u, C).pow(2).argmin`` (the official call) in the model dtype."""
+    z, weight, bias, codebooks = make_codebook_inputs(130, groups=2, codes=1000, dim=128, seed=5)
+    z, weight, bias, codebooks = (t.to(dtype) for t in (z, weight, bias, codebooks))
+    ids = ops.codebook_argmin(z, weight, bias, codebooks, vocab_offset=0, mode="reference")
+    for g in range(2):
+        u = F.layer_norm(z[:, g * 128 : (g + 1) * 128], (128,), weight[g], bias[g], 1e-5)
+        official = torch.cdist(u, codebooks[g]).pow(2).argmin(-1) + 1000 * g
+        assert torch.equal(ids[:, g], official)
+
+
+def test_strided_rows_and_precomputed_norms():
+    z, weight, bias, codebooks = make_codebook_inputs(7)
+    wide = torch.cat([z, torch.full_like(z, float("nan"))], dim=1)[
+        :, : z.shape[1]
+    ]  # row stride 2x width
+    sqnorms = codebooks.square().sum(-1)
+    got = ops.codebook_argmin(wide, weight, bias, codebooks, sqnorms, vocab_offset=3, mode="exact")
+    assert torch.equal(got, brute_force(z, weight, bias, codebooks, 3))
+
+
+def test_empty_input_gives_empty_ids():
+    z, weight, bias, codebooks = make_codebook_inputs(0)
+    ids = ops.codebook_argmin(z, weight, bias, codebooks, vocab_offset=0, mode="exact")
+    assert ids.shape == (0, 8) and ids.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            {"z": torch.zeros(3, 100)},
+            r"codebook_argmin: z must have shape \[\*, 128\] \(n, G\*d = 8\*16\), got \[3, 100\]",
+        ),
+        (
+            {"z": torch.zeros(3, 128, dtype=torch.int64)},
+            "z must have dtype float32, bfloat16, float16, got int64",
+        ),
+        ({"ln_weight": torch.zeros(8, 15)}, r"ln_weight must have shape \[8, 16\]"),
+        ({"codebooks": torch.zeros(8, 67)}, r"codebooks must have shape \[\*, \*, \*\]"),
+        (
+            {"codebook_sqnorms": torch.zeros(8, 67, dtype=torch.float64)},
+            "codebook_sqnorms must have dtype float32",
+        ),
+        ({"mode": "fast"}, r"mode must be one of \['reference', 'exact'\]"),
+        ({"z": torch.zeros(3, 128, device="meta")}, "must be on the device of z"),
+        (
+            {"z": torch.zeros(3, 128, dtype=torch.bfloat16), "mode": "reference"},
+            "z must have the dtype of codebooks",
+        ),
+        ({"z": torch.zeros(128, 3).T}, "contiguous last dim"),
+    ],
+)
+def test_bad_input_names_the_argument(change, match):
+    z, weight, bias, codebooks = make_codebook_inputs(3)
+    args = {
+        "z": z,
+        "ln_weight": weight,
+        "ln_bias": bias,
+        "codebooks": codebooks,
+        "codebook_sqnorms": None,
+        "mode": "exact",
+    }
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        ops.codebook_argmin(**args, vocab_offset=0)
+
+
+def test_backends_are_explicit():
+    z, weight, bias, codebooks = make_codebook_inputs(3)
+    assert ops.resolve_backend("codebook_argmin", "auto", z, codebooks) == "torch"
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' unavailable"):
+        ops.codebook_argmin(
+            z, weight, bias, codebooks, vocab_offset=0, mode="exact", backend="cuda"
+        )
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.codebook_argmin(
+            z, weight, bias, codebooks, vocab_offset=0, mode="exact", backend="fastest"
+        )
