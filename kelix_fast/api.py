@@ -243,10 +243,13 @@ class KelixAR:
         Returns:
             groups: [B, L, G+1] int64 on the engine's device.
         """
-        prompts = self._check_prompts(prompt_ids, arg="prompt_ids")
-        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
-            raise ValueError("expand_prompt: prompt_ids must be a [B, L] tensor")
-        return torch.stack(self._expand(prompts, image_ids))
+        if not isinstance(prompt_ids, torch.Tensor):
+            raise TypeError(
+                f"prompt_ids must be a [B, L] int64 tensor, got {type(prompt_ids).__name__}"
+            )
+        return torch.stack(
+            self._expand(self._check_prompts(prompt_ids, arg="prompt_ids"), image_ids)
+        )
 
     def _check_prompts(self, prompt_ids: object, *, arg: str) -> list[torch.Tensor]:
         """[B, L] tensor or a list of 1-D id sequences -> list of 1-D int64 tensors on the device."""
@@ -303,11 +306,7 @@ class KelixAR:
                     f"image_ids must be int64 of shape [n_tok, {llm.n_q_tokens}], "
                     f"got {image_ids.dtype} {list(image_ids.shape)}"
                 )
-            if image_ids.shape[0] != wanted:
-                raise ValueError(
-                    f"the prompt has {wanted} image placeholders (id {llm.image_token_id}) but image_ids "
-                    f"has {image_ids.shape[0]} rows: one merged image token per placeholder is required"
-                )
+            self._check_placeholders(wanted, image_ids.shape[0])
             bad = (image_ids < llm.vocab_size) | (image_ids >= llm.total_vocab)
             if bool(bad.any()):
                 raise ValueError(
@@ -328,6 +327,14 @@ class KelixAR:
                 used += where.numel()
             groups.append(g)
         return groups
+
+    def _check_placeholders(self, placeholders: int, image_tokens: int) -> None:
+        if placeholders != image_tokens:
+            raise ValueError(
+                f"the prompt has {placeholders} image placeholders (id {self.config.llm.image_token_id}) "
+                f"but the images give {image_tokens} tokens (image_ids rows): one merged image token "
+                "per placeholder is required"
+            )
 
     def _check_groups(self, groups: object) -> torch.Tensor:
         llm = self.config.llm
@@ -435,13 +442,18 @@ class KelixAR:
         generators = self._generators(seed, len(prompts))
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
-        image_ids = (
-            None if pixel_values is None else self.tokenize_images(pixel_values, image_grid_thw)
-        )
-        if image_ids is None and any(bool((p == llm.image_token_id).any()) for p in prompts):
-            raise ValueError(
-                f"prompt_ids holds image placeholders (id {llm.image_token_id}) but no pixel_values were given"
-            )
+        placeholders = sum(int((p == llm.image_token_id).sum()) for p in prompts)
+        image_ids = None
+        if pixel_values is None:
+            if placeholders:
+                raise ValueError(
+                    f"prompt_ids holds {placeholders} image placeholders (id {llm.image_token_id}) "
+                    "but no pixel_values were given"
+                )
+        else:
+            grids = self._check_images(pixel_values, image_grid_thw)
+            self._check_placeholders(placeholders, sum(t * h * w // 4 for t, h, w in grids))
+            image_ids = self.tokenize_images(pixel_values, image_grid_thw)
         groups = self._expand(prompts, image_ids)
         results = generation.generate(
             self.model,

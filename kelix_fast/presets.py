@@ -32,6 +32,9 @@ ENDOFTEXT, IM_START, IM_END = 151643, 151644, 151645
 VISION_START, VISION_END, IMAGE_PAD = 151652, 151653, 151655
 Q_EOS = 151681
 
+# Lookup tables get N(0, 1); every other matrix (the patch-embedding conv included) N(0, 1/fan_in).
+_TABLES = ("embed_tokens.weight", "position_embedding.weight", ".embedding.weight")
+
 
 def tiny_config(*, codes_per_group: int = 64) -> KelixARConfig:
     """Release token layout, tiny widths: LLM 64 wide (2 layers, GQA 4/2), ViT 32 wide, codes 8 x K."""
@@ -114,7 +117,7 @@ def random_weights(config: KelixARConfig, seed: int = 0) -> dict[str, torch.Tens
             value = 1.0 + 0.1 * value
         elif leaf[-1] == "bias":
             value = 0.05 * value
-        elif len(shape) >= 2 and not key.endswith(("embed_tokens.weight", "embedding.weight")):
+        elif len(shape) >= 2 and not key.endswith(_TABLES):
             value = value / (value[0].numel() ** 0.5)
         weights[key] = value
     head = weights["model.model.output.weight"]

@@ -58,6 +58,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         root = Path(path)
+        weight_map: dict[str, str] | None = None
         if root.is_file():
             files = [root]
             root = root.parent
@@ -84,9 +85,8 @@ class SafetensorsCheckpoint:
                         f"weights: tensor {key!r} appears in more than one file ({file})"
                     )
                 self._where[key] = handle
-        if (root / INDEX_FILE).is_file() and root.is_dir():
-            listed = set(weight_map)
-            absent = sorted(listed - self._where.keys())
+        if weight_map is not None:
+            absent = sorted(weight_map.keys() - self._where.keys())
             if absent:
                 raise ValueError(
                     f"weights: {INDEX_FILE} lists tensors absent from the files: {absent}"

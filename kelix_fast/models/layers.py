@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``w2(silu(w1 x) * w3 x)``; ``bias`` applies to none of the three (both uses here are bias-free)."""
+    """``w2(silu(w1 x) * w3 x)`` with bias-free projections (the LLM's and the Block Decoder's MLP)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()

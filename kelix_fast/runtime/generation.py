@@ -68,7 +68,7 @@ def generate(
     h, _, cache, lengths = _prefill(model, prompts, capacity, hidden_states=False)
     rows = torch.arange(len(prompts), device=h.device)
     last = h[rows, lengths - 1]
-    hidden = [[h[b, : p.shape[0]]] for b, p in enumerate(prompts)]
+    hidden = [[h[b, : p.shape[0]]] if return_hidden_states else [] for b, p in enumerate(prompts)]
     new_groups: list[list[torch.Tensor]] = [[] for _ in prompts]
     chains: list[list[torch.Tensor]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=h.device)
@@ -85,8 +85,9 @@ def generate(
         pos = lengths + step  # the new group's position in each request
         h, _ = model.llm(model.llm.embed(groups[:, None]), cache, pos, pos + 1)
         last = h[:, 0]
-        for b in torch.nonzero(~done).flatten().tolist():
-            hidden[b].append(h[b])  # [1, D]
+        if return_hidden_states:
+            for b in torch.nonzero(~done).flatten().tolist():
+                hidden[b].append(h[b])  # [1, D]
     return [
         RequestOutput(
             new_groups=torch.stack(new_groups[b]),

@@ -1,3 +1,5 @@
+"""Fixtures of the golden conformance tests: the engine loaded from a fixture set, and the fixture files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from kelix_fast import KelixAR
-
-# Float outputs of a float32 re-implementation: observed rounding noise ~1e-6 at magnitudes up to ~25
-# (golden README, "recommended tolerances").
-FLOAT_TOL = 1e-4
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +22,3 @@ def load_fixture(golden_dir: Path):
         return load_file(golden_dir / f"{name}.safetensors")
 
     return load
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.shape == expected.shape, (
-        f"{what}: shape {list(actual.shape)} != {list(expected.shape)}"
-    )
-    err = (actual.float() - expected.float()).abs().max().item()
-    assert err <= FLOAT_TOL, f"{what}: max abs error {err:.3g} > {FLOAT_TOL}"

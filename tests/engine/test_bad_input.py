@@ -132,18 +132,18 @@ def test_generate_rejects_bad_generation_arguments(tiny, kwargs, error, match):
 def test_generate_rejects_placeholder_image_mismatch(tiny, image):
     pixels, grid = image  # 6 merged tokens
     with pytest.raises(
-        ValueError, match="the prompt has 7 image placeholders .* image_ids has 6 rows"
+        ValueError, match="the prompt has 7 image placeholders .* the images give 6 tokens"
     ):
         tiny.generate(
             [_with_placeholders(7)], pixel_values=pixels, image_grid_thw=grid, max_new_blocks=1
         )
     with pytest.raises(
-        ValueError, match="the prompt has 5 image placeholders .* image_ids has 6 rows"
+        ValueError, match="the prompt has 5 image placeholders .* the images give 6 tokens"
     ):
         tiny.generate(
             [_with_placeholders(5)], pixel_values=pixels, image_grid_thw=grid, max_new_blocks=1
         )
-    with pytest.raises(ValueError, match="holds image placeholders .* but no pixel_values"):
+    with pytest.raises(ValueError, match="holds 6 image placeholders .* but no pixel_values"):
         tiny.generate([_with_placeholders(6)], max_new_blocks=1)
     with pytest.raises(ValueError, match="pixel_values and image_grid_thw must be given together"):
         tiny.generate([_with_placeholders(6)], pixel_values=pixels, max_new_blocks=1)
@@ -157,7 +157,7 @@ def test_expand_prompt_rejects_bad_image_ids(tiny):
         ValueError, match=r"image_ids must hold visual ids in \[151936, 152448\), got 5"
     ):
         tiny.expand_prompt(prompt, torch.full((2, 8), 5))
-    with pytest.raises(ValueError, match="2 image placeholders .* image_ids has 3 rows"):
+    with pytest.raises(ValueError, match="2 image placeholders .* the images give 3 tokens"):
         tiny.expand_prompt(prompt, torch.full((3, 8), 151936))
 
 

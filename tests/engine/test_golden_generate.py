@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.conftest import assert_close
+from tests.engine.tolerances import assert_close
 
 
 def _generate(golden_ar, fx, prompt_key, output_key, **kwargs):
@@ -43,13 +43,18 @@ def test_generate_matches_golden(golden_ar, load_fixture, name, sampler):
     assert torch.equal(lengths, fx["step_blockdec_len"])
 
 
-@pytest.mark.parametrize("name", ["dit_sampling_cfg1p0", "dit_sampling_cfg4p5"])
-def test_t2i_condition_generation_matches_golden(golden_ar, load_fixture, name):
-    """The AR half of the official t2i path: greedy groups and the hidden rows from <|vision_start|>."""
-    fx = load_fixture(name)
-    out = _generate(golden_ar, fx, "ar_input_ids", "ar_output_ids")
-    assert torch.equal(out.groups, fx["ar_output_ids"])
-    start = fx["ar_input_ids"].shape[1] - 1  # the appended <|vision_start|>
-    valid = int(fx["token_embed_lengths"][0])
-    rows = out.hidden_states[0, start : start + valid]
-    assert_close(rows, fx["cond_embeds"][0, : rows.shape[0]], "condition hidden rows")
+def test_t2i_condition_generation_matches_golden(golden_ar, golden_dir, load_fixture):
+    """The AR half of every recorded official t2i run: greedy groups and the hidden rows from
+    <|vision_start|> (the DiT condition)."""
+    runs = sorted(
+        p.name.removesuffix(".safetensors") for p in golden_dir.glob("dit_sampling_*.safetensors")
+    )
+    assert runs, f"no dit_sampling_*.safetensors in {golden_dir}"
+    for name in runs:
+        fx = load_fixture(name)
+        out = _generate(golden_ar, fx, "ar_input_ids", "ar_output_ids")
+        assert torch.equal(out.groups, fx["ar_output_ids"]), name
+        start = fx["ar_input_ids"].shape[1] - 1  # the appended <|vision_start|>
+        valid = int(fx["token_embed_lengths"][0])
+        rows = out.hidden_states[0, start : start + valid]
+        assert_close(rows, fx["cond_embeds"][0, : rows.shape[0]], f"{name} condition hidden rows")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.engine.conftest import assert_close
+from tests.engine.tolerances import assert_close
 
 
 def _groups(golden_ar, fx):
