@@ -6,6 +6,7 @@ is :class:`KelixAR`; ``kelix_fast.presets.tiny()`` builds an embedded tiny model
 
 from kelix_fast.api import GenerationOutput, KelixAR
 from kelix_fast.config import ConfigError, KelixARConfig
+from kelix_fast.models.dit import KelixDiT, dit_position_args
 from kelix_fast.ops import BackendUnavailableError
 from kelix_fast.weights import WeightsMismatchError
 
@@ -17,6 +18,8 @@ __all__ = [
     "GenerationOutput",
     "KelixAR",
     "KelixARConfig",
+    "KelixDiT",
     "WeightsMismatchError",
     "__version__",
+    "dit_position_args",
 ]

@@ -10,17 +10,24 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kelix_fast.config import KelixARConfig
+from kelix_fast.models.dit import KelixDiT
 from kelix_fast.models.kelix_ar import CHECKPOINT_RENAMES, DEAD_TENSORS, KelixARModel
+from kelix_fast.models.vae import decode_latents, load_vae
 from kelix_fast.ops.codebook_argmin import MODES as VQ_MODES
+from kelix_fast.processor import IM_START_TOKEN, ImageInput, KelixProcessor, preprocess_image
 from kelix_fast.runtime import generation
+from kelix_fast.runtime.conditioning import extract_condition, text_to_image_prompt
+from kelix_fast.runtime.flow import sample_latents
 from kelix_fast.runtime.sampling import SAMPLERS, SamplingParams
+from kelix_fast.runtime.timing import StageTimer
 from kelix_fast.weights import SafetensorsCheckpoint, load_weights
 
-__all__ = ["GenerationOutput", "KelixAR"]
+__all__ = ["GenerationOutput", "KelixAR", "KelixPipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -407,6 +414,7 @@ class KelixAR:
         seed: int | Sequence[int] | None = None,
         sampler: str = "sequential",
         return_hidden_states: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> GenerationOutput:
         """Generate up to ``max_new_blocks`` new groups after each prompt (Next-Block Prediction).
 
@@ -421,6 +429,8 @@ class KelixAR:
             sampler: ``"sequential"`` (each slot conditions the next) or ``"reference"`` (the official
                 ``_sample_group``). Identical when greedy.
             return_hidden_states: also return the last-layer hidden states.
+            timings: when given, receives the seconds spent per stage (``vit_vq``, ``prefill``,
+                ``decode``), added to what it holds.
 
         A request stops after a generated group with ``<|im_end|>`` in slot 0 (the first one included).
         """
@@ -453,7 +463,9 @@ class KelixAR:
         else:
             grids = self._check_images(pixel_values, image_grid_thw)
             self._check_placeholders(placeholders, sum(t * h * w // 4 for t, h, w in grids))
+            timer = StageTimer(timings, self.device)
             image_ids = self.tokenize_images(pixel_values, image_grid_thw)
+            timer.lap("vit_vq")
         groups = self._expand(prompts, image_ids)
         results = generation.generate(
             self.model,
@@ -463,6 +475,7 @@ class KelixAR:
             sampler=sampler,
             generators=generators,
             return_hidden_states=return_hidden_states,
+            timings=timings,
         )
         return self._collate(self._expand(prompts, None), results, return_hidden_states)
 
@@ -512,3 +525,195 @@ class KelixAR:
         return GenerationOutput(
             groups=groups, lengths=lengths, hidden_states=hidden, block_decoder_ids=chains
         )
+
+
+class KelixPipeline:
+    """Image understanding and text-to-image with Kelix: processor + :class:`KelixAR` (+ Kelix-DiT and the
+    DC-AE VAE for images). After each call, ``timings`` holds the seconds spent per stage."""
+
+    def __init__(
+        self,
+        ar: KelixAR,
+        processor: KelixProcessor,
+        dit: KelixDiT | None = None,
+        vae: Any | None = None,
+    ) -> None:
+        self.ar, self.processor, self.dit, self.vae = ar, processor, dit, vae
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ar_path: str | os.PathLike[str],
+        dit_path: str | os.PathLike[str] | None = None,
+        vae_path: str | os.PathLike[str] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        model_max_length: int | None = None,
+        **engine_options: Any,
+    ) -> KelixPipeline:
+        """Load Kelix-SFT (``ar_path``: weights, tokenizer, processor config), and optionally Kelix-DiT and
+        a diffusers DC-AE directory. ``model_max_length`` overrides the DiT config's (the release needs
+        720); ``engine_options`` go to :meth:`KelixAR.from_pretrained` (e.g. ``vq="exact"``)."""
+        for name, path in (("ar_path", ar_path), ("dit_path", dit_path), ("vae_path", vae_path)):
+            if path is not None and not os.path.isdir(path):
+                raise FileNotFoundError(f"KelixPipeline: {name} must be a directory, got {path}")
+        ar = KelixAR.from_pretrained(ar_path, device=device, dtype=dtype, **engine_options)
+        dit = None
+        if dit_path is not None:
+            dit = KelixDiT.from_pretrained(
+                dit_path, device=ar.device, dtype=ar.dtype, model_max_length=model_max_length
+            )
+        vae = None if vae_path is None else load_vae(vae_path, device=ar.device, dtype=ar.dtype)
+        return cls(ar, KelixProcessor.from_pretrained(ar_path), dit, vae)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, *, device: torch.device | str | None = None) -> KelixPipeline:
+        """Every model embedded and tiny, deterministic random weights: no files needed."""
+        from kelix_fast import presets  # presets builds on this module
+
+        ar = presets.tiny(seed, device=device)
+        dit = presets.tiny_dit(seed, device=ar.device, dtype=ar.dtype)
+        vae = presets.tiny_vae(seed, device=ar.device, dtype=ar.dtype)
+        return cls(ar, KelixProcessor.tiny(), dit, vae)
+
+    def _timer(self) -> StageTimer:
+        """A fresh per-call timing record (``self.timings``) and its timer."""
+        self.timings = {}
+        return StageTimer(self.timings, self.ar.device)
+
+    # ------------------------------------------------------------------ understanding
+
+    def tokenize_image(self, image: ImageInput) -> torch.Tensor:
+        """One image (PIL, uint8 array [H, W, 3], or path) -> its visual ids [n_tok, 8] int64."""
+        timer = self._timer()
+        pixel_values, grid = preprocess_image(image, self.processor.image_config)
+        timer.lap("preprocess")
+        ids = self.ar.tokenize_images(pixel_values, grid)
+        timer.lap("vit_vq")
+        return ids
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | tuple[ImageInput, str],
+        *,
+        max_new_tokens: int = 256,
+        top_k: int = 1,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        sampler: str = "sequential",
+    ) -> str:
+        """Answer a conversation: chat ``messages`` (``[{"role": ..., "content": str | parts}]``), or an
+        ``(image, question)`` pair. Greedy by default; ``max_new_tokens`` counts blocks (text: one token
+        each). Returns the decoded text up to ``<|im_end|>``."""
+        if isinstance(messages, tuple):
+            if len(messages) != 2 or not isinstance(messages[1], str):
+                raise TypeError("chat: a tuple must be (image, question: str)")
+            image, question = messages
+            content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+            messages = [{"role": "user", "content": content}]
+        timer = self._timer()
+        inputs = self.processor.prepare(messages)
+        timer.lap("preprocess")
+        images = {}
+        if inputs["image_grid_thw"].shape[0]:
+            images = {
+                "pixel_values": inputs["pixel_values"],
+                "image_grid_thw": inputs["image_grid_thw"],
+            }
+        out = self.ar.generate(
+            inputs["prompt_ids"],
+            max_new_blocks=max_new_tokens,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            seed=seed,
+            sampler=sampler,
+            timings=self.timings,
+            **images,
+        )
+        timer = StageTimer(self.timings, self.ar.device)
+        llm = self.ar.config.llm
+        new = out.groups[0, inputs["prompt_ids"].shape[1] : int(out.lengths[0]), 0].tolist()
+        text_ids = [t for t in new if t < llm.vocab_size and t != llm.q_eos_token]
+        if llm.eos_token_id in text_ids:
+            text_ids = text_ids[: text_ids.index(llm.eos_token_id)]
+        text = self.processor.tokenizer.decode(text_ids, skip_special_tokens=True)
+        timer.lap("detokenize")
+        return text
+
+    # ------------------------------------------------------------------ text to image
+
+    def generate_image(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        steps: int = 50,
+        guidance_scale: float = 1.0,
+        seed: int | None = None,
+        size: int = 1024,
+        noise: torch.Tensor | None = None,
+    ) -> Any:
+        """Text to image, as the official demo: greedy NBP generation of the image blocks, the
+        ``<|vision_start|>..<|vision_end|>`` hidden states as the condition, FlowMatch Euler sampling of
+        the DiT (``steps``, shift 3, ``guidance_scale``; 1.0 runs the conditional branch only), DC-AE.
+
+        Args:
+            prompt: the user's text, or already templated prompt ids (cut after the assistant turn).
+            seed: initial noise seed (CPU generator, float32); ``noise`` [1, C, h, w] overrides it.
+            size: image side in pixels, a multiple of the DiT's VAE factor.
+
+        Returns:
+            a PIL image (RGB, ``size x size``).
+        """
+        if self.dit is None or self.vae is None:
+            raise ValueError(
+                "generate_image: this pipeline has no DiT/VAE (pass dit_path and vae_path)"
+            )
+        tokenizer, llm = self.processor.tokenizer, self.ar.config.llm
+        timer = self._timer()
+        if isinstance(prompt, str):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt_ids = tokenizer.encode(text)
+            assistant_prefix = tokenizer.encode(f"{IM_START_TOKEN}assistant\n")
+        else:
+            prompt_ids, assistant_prefix = list(prompt), None
+        prompt_ids = text_to_image_prompt(
+            prompt_ids, assistant_prefix=assistant_prefix, vision_start=llm.vision_start_token_id
+        )
+        timer.lap("preprocess")
+        length = self.dit.config.model_max_length
+        # The official max_new_tokens = 2 * Lc + 10 decode steps yield one group more.
+        out = self.ar.generate(
+            [prompt_ids],
+            max_new_blocks=2 * length + 11,
+            return_hidden_states=True,
+            timings=self.timings,
+        )
+        timer = StageTimer(self.timings, self.ar.device)
+        n = int(out.lengths[0])
+        condition = extract_condition(
+            out.groups[0, :n],
+            out.hidden_states[0, : n - 1],
+            vision_start=llm.vision_start_token_id,
+            vision_end=llm.vision_end_token_id,
+            max_length=length,
+        )
+        latents = sample_latents(
+            self.dit,
+            condition.hidden,
+            condition.mask,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            image_size=size,
+            noise=noise,
+            seed=seed,
+        )
+        timer.lap("dit")
+        image = decode_latents(self.vae, latents)
+        timer.lap("vae")
+        from PIL import Image  # Pillow: a dependency, imported when an image is made
+
+        return Image.fromarray(image[0].cpu().numpy())

@@ -1,17 +1,19 @@
-"""The ``kelix-fast`` command: ``demo`` (the embedded tiny model end to end) and ``info``."""
+"""The ``kelix-fast`` command: ``demo`` (the embedded tiny models, no files), ``generate`` (text to
+image), ``chat`` (image understanding) and ``info``. The only module that prints or reads the environment."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
 import torch
 
 import kelix_fast
-from kelix_fast import ops, presets
-from kelix_fast.processor import image_to_patches
+from kelix_fast import ops
+from kelix_fast.api import KelixPipeline
 
 
 def _synthetic_image(height: int, width: int) -> torch.Tensor:
@@ -21,58 +23,97 @@ def _synthetic_image(height: int, width: int) -> torch.Tensor:
     return torch.stack([rows, cols, (rows + cols) / 2], dim=-1).round().to(torch.uint8)
 
 
+def _print_timings(title: str, timings: dict[str, float]) -> None:
+    print(f"{title}:")
+    for stage, seconds in timings.items():
+        print(f"  {stage:<11} {seconds * 1e3:9.1f} ms")
+    print(f"  {'total':<11} {sum(timings.values()) * 1e3:9.1f} ms")
+
+
 def demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    engine = presets.tiny(seed=args.seed, device=args.device)
+    pipe = KelixPipeline.tiny(seed=args.seed, device=args.device)
+    ar = pipe.ar
     print(
-        f"kelix_fast {kelix_fast.__version__}: tiny Kelix AR (seed {args.seed}) on {engine.device}, "
-        f"{str(engine.dtype).removeprefix('torch.')}, resident {engine.resident_bytes() / 1e6:.1f} MB, "
-        f"built in {time.perf_counter() - start:.2f} s"
+        f"kelix_fast {kelix_fast.__version__}: tiny Kelix (random weights, seed {args.seed}) on "
+        f"{ar.device}, {str(ar.dtype).removeprefix('torch.')}, AR resident "
+        f"{ar.resident_bytes() / 1e6:.1f} MB, built in {time.perf_counter() - start:.2f} s"
     )
-    pixel_values, grid = image_to_patches(_synthetic_image(56, 84))
-    image_ids = engine.tokenize_images(pixel_values, grid)
+    image = _synthetic_image(56, 84)
+    ids = pipe.tokenize_image(image)
     print(
-        f"Kelix-Tok: 56x84 image -> grid {grid[0].tolist()} -> {image_ids.shape[0]} visual blocks of 8 ids"
+        f"Kelix-Tok: 56x84 image -> {ids.shape[0]} visual blocks of 8 ids; first {ids[0].tolist()}"
     )
-    print(f"  first block: {image_ids[0].tolist()}")
-    n_image = image_ids.shape[0]
-    prompt = [
-        presets.IM_START, 872, 198,  # <|im_start|>user\n
-        presets.VISION_START, *[presets.IMAGE_PAD] * n_image, presets.VISION_END,
-        presets.IM_END, 198, presets.IM_START, 77091, 198,  # <|im_end|>\n<|im_start|>assistant\n
-    ]  # fmt: skip
-    start = time.perf_counter()
-    out = engine.generate(
-        [prompt],
-        pixel_values=pixel_values,
-        image_grid_thw=grid,
-        max_new_blocks=args.blocks,
-        top_k=args.top_k,
-        temperature=args.temperature,
-        seed=args.seed,
+    answer = pipe.chat((image, "What is in this picture?"), max_new_tokens=args.blocks)
+    print(f"chat (random weights, so no meaning): {answer!r}")
+    _print_timings("image understanding, per stage", pipe.timings)
+    picture = pipe.generate_image(
+        "a watercolor fox", steps=args.steps, size=args.size, seed=args.seed
     )
-    elapsed = time.perf_counter() - start
-    new = out.groups[0, len(prompt) : int(out.lengths[0])]
-    print(
-        f"generated {new.shape[0]} blocks in {elapsed:.2f} s ({new.shape[0] / elapsed:.1f} blocks/s):"
+    picture.save(args.output)
+    print(f"text to image: {picture.size[0]}x{picture.size[1]} written to {args.output}")
+    _print_timings("text to image, per stage", pipe.timings)
+    return 0
+
+
+def _directory(value: str) -> str:
+    if not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"no such directory: {value}")
+    return value
+
+
+def _file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise argparse.ArgumentTypeError(f"no such file: {value}")
+    return value
+
+
+def _dtype(value: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if value not in dtypes:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {list(dtypes)}, got {value}")
+    return dtypes[value]
+
+
+def generate(args: argparse.Namespace) -> int:
+    pipe = KelixPipeline.from_pretrained(
+        args.ar,
+        args.dit,
+        args.vae,
+        device=args.device,
+        dtype=args.dtype,
+        model_max_length=args.max_condition_length,
     )
-    q_eos = engine.config.llm.q_eos_token
-    for i, group in enumerate(new.tolist()):
-        ids = group[: group.index(q_eos)] if q_eos in group else group
-        kind = "visual" if ids and ids[0] >= engine.config.llm.vocab_size else "text"
-        print(f"  block {i:2d} ({kind:6s}, {len(ids)} ids): {ids}")
+    image = pipe.generate_image(
+        args.prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed, size=args.size
+    )
+    image.save(args.output)
+    print(f"written {args.output} ({image.size[0]}x{image.size[1]})")
+    _print_timings("per stage", pipe.timings)
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    pipe = KelixPipeline.from_pretrained(args.ar, device=args.device, dtype=args.dtype)
+    if args.image is None:
+        messages = [{"role": "user", "content": args.question}]
+        print(pipe.chat(messages, max_new_tokens=args.max_new_tokens))
+    else:
+        print(pipe.chat((args.image, args.question), max_new_tokens=args.max_new_tokens))
+    _print_timings("per stage", pipe.timings)
     return 0
 
 
 def info(_: argparse.Namespace) -> int:
     print(f"kelix_fast {kelix_fast.__version__}, torch {torch.__version__}")
-    print(f"CUDA available: {torch.cuda.is_available()}")
+    cuda = torch.cuda.is_available()
+    print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
     probe = torch.zeros(1, 8, dtype=torch.int64), torch.zeros(16, 4)
     print(f"block_embed backend (auto, CPU): {ops.resolve_backend('block_embed', 'auto', *probe)}")
     try:
-        from kelix_fast import _C  # noqa: F401
+        from kelix_fast import _C
 
-        print("native extension kelix_fast._C: built")
+        print(f"native extension kelix_fast._C: built (C API version {_C.api_version()})")
     except ImportError as e:
         print(f"native extension kelix_fast._C: not built ({e})")
     return 0
@@ -82,16 +123,56 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kelix-fast", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading details")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_device(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+        p.add_argument(
+            "--dtype", type=_dtype, default=None, help="default: bfloat16 on cuda, float32 on cpu"
+        )
+
     p = sub.add_parser(
-        "demo", help="tokenize an image and generate blocks with the embedded tiny model"
+        "demo", help="the embedded tiny models end to end: understanding and text to image"
     )
-    p.add_argument("--seed", type=int, default=0, help="weights and sampling seed")
-    p.add_argument("--blocks", type=int, default=12, help="new blocks to generate")
-    p.add_argument("--top-k", type=int, default=1, help="1 = greedy")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="weights, sampling and noise seed")
+    p.add_argument("--blocks", type=int, default=8, help="new blocks of the chat answer")
+    p.add_argument("--steps", type=int, default=4, help="DiT sampling steps")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (multiple of 32)")
+    p.add_argument("-o", "--output", default="kelix_demo.png", help="PNG to write")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(run=demo)
-    sub.add_parser("info", help="versions and available backends").set_defaults(run=info)
+
+    p = sub.add_parser("generate", help="text to image with the official checkpoints")
+    p.add_argument(
+        "--ar", type=_directory, required=True, help="Kelix-SFT directory (weights, tokenizer)"
+    )
+    p.add_argument("--dit", type=_directory, required=True, help="Kelix-DiT directory")
+    p.add_argument("--vae", type=_directory, required=True, help="diffusers DC-AE directory")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("-o", "--output", default="kelix.png", help="PNG to write")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps (official demo: 50)")
+    p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (official demo: 1.0)")
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=42, help="initial noise seed")
+    p.add_argument(
+        "--max-condition-length",
+        type=int,
+        default=None,
+        help="DiT model_max_length (the release needs 720)",
+    )
+    add_device(p)
+    p.set_defaults(run=generate)
+
+    p = sub.add_parser("chat", help="answer a question, optionally about an image")
+    p.add_argument(
+        "--ar", type=_directory, required=True, help="Kelix-SFT directory (weights, tokenizer)"
+    )
+    p.add_argument("--image", type=_file, default=None, help="image file")
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    add_device(p)
+    p.set_defaults(run=chat)
+
+    sub.add_parser("info", help="versions, device and available backends").set_defaults(run=info)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"

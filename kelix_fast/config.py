@@ -23,6 +23,7 @@ __all__ = [
     "BlockDecoderConfig",
     "ConfigError",
     "KelixARConfig",
+    "KelixDiTConfig",
     "LLMConfig",
     "TokenizerConfig",
     "VisionConfig",
@@ -446,3 +447,179 @@ class KelixARConfig:
         for name_a, a, name_b, b in pairs:
             if a != b:
                 raise ConfigError(f"config: {name_a} ({a}) must equal {name_b} ({b})")
+
+
+@dataclass(frozen=True)
+class KelixDiTConfig(_Section):
+    """Kelix-DiT, the customised SANA DiT (kelix-dit.md §2), parsed from muse ``"__class__": "SanaConfig"``.
+
+    Unlike the AR config, the official ``SanaConfig`` gives every field a code default, so an absent field
+    takes that default (``_DEFAULTS``, kelix-dit.md §2 "code default"). Optional features are also checked
+    against the checkpoint keys when the model is loaded (``kelix_fast.models.dit``).
+    """
+
+    input_size: int  # latent side the unused pos_embed buffer was sized for; base grid of use_pe
+    in_channels: int
+    hidden_size: int
+    depth: int
+    num_heads: int  # cross-attention heads
+    linear_head_dim: int  # self-attention (LiteLA) head width
+    mlp_ratio: float
+    caption_channels: int  # connector output / y_embedding width
+    model_max_length: int  # rows of y_embedder.y_embedding (the null condition)
+    qk_norm: bool
+    cross_norm: bool
+    use_cross_attn_rope: bool
+    use_position_scale: bool
+    cross_attn_x_norm: bool
+    use_pe: bool
+    pe_interpolation: float
+    y_norm: bool
+    norm_eps: float
+    use_connector: bool
+    connector_channels: int | None  # LLM hidden size fed to the connector
+    vae_downsample_rate: int  # pixels per latent cell (32 for the DC-AE f32c32)
+
+    _PATH: ClassVar[str] = "SanaConfig"
+    _REQUIRED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "model_class": ("SanaModel",),
+        "patch_size": (1,),
+        "attn_type": ("linear",),
+        "ffn_type": ("glumbconv",),
+        "mlp_acts": (["silu", "silu", None],),
+        "pred_sigma": (False,),
+        "learn_sigma": (False,),
+    }
+    _IGNORED: ClassVar[dict[str, Any]] = {
+        "cross_attn_type": "flash",  # never read: cross-attention is always the same module (§2)
+        "y_norm_scale_factor": 0.01,  # initialisation only
+        "class_dropout_prob": 0.1,  # training only
+        "drop_path": 0.0,  # training only
+        "vae_type": "AutoencoderDC",
+        "vae_pretrained": "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
+        "text_encoder_name": "google/gemma-2-2b-it",
+        "y_embedding_init_method": "randn",  # initialisation only
+    }
+    # Code defaults of the used fields (kelix-dit.md §2); required and ignored fields default to the
+    # value kelix_fast implements or writes back.
+    _DEFAULTS: ClassVar[dict[str, Any]] = {
+        "input_size": 32,
+        "in_channels": 32,
+        "hidden_size": 2240,
+        "depth": 20,
+        "num_heads": 20,
+        "linear_head_dim": 32,
+        "mlp_ratio": 2.5,
+        "caption_channels": 2304,
+        "model_max_length": 300,
+        "qk_norm": False,
+        "cross_norm": False,
+        "use_cross_attn_rope": False,
+        "use_position_scale": False,
+        "cross_attn_x_norm": False,
+        "use_pe": False,
+        "pe_interpolation": 1.0,
+        "y_norm": True,
+        "norm_eps": 1e-5,
+        "use_connector": False,
+        "connector_channels": None,
+        "vae_downsample_rate": 32,
+    }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> KelixDiTConfig:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config: expected a JSON object, got {type(raw).__name__}")
+        if raw.get("__class__") != "SanaConfig":
+            raise ConfigError(
+                f"config: __class__ must be 'SanaConfig' (a Kelix-DiT checkpoint), "
+                f"got {raw.get('__class__')!r}"
+            )
+        fields = {k: v for k, v in raw.items() if k != "__class__"}
+        return super().from_dict({**cls._DEFAULTS, **fields})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> KelixDiTConfig:
+        """Parse ``path`` (a config.json file or a checkpoint directory holding one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config: no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config: {path} is not valid JSON: {e}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The official muse layout, loadable by the official ``SanaConfig``."""
+        return {**super().to_dict(), "__class__": "SanaConfig"}
+
+    def with_model_max_length(self, model_max_length: int) -> KelixDiTConfig:
+        """This config with another null-condition length (the demo overrides 300 -> 720, §2)."""
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int):
+            raise TypeError(
+                f"KelixDiTConfig: model_max_length must be an int, "
+                f"got {type(model_max_length).__name__}"
+            )
+        config = dataclasses.replace(self, model_max_length=model_max_length)
+        config._validate()
+        return config
+
+    @property
+    def cross_head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Width of one GLU half of the Mix-FFN (``int(hidden_size * mlp_ratio)``)."""
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def _validate(self) -> None:
+        super()._validate()
+        flags = (
+            "qk_norm",
+            "cross_norm",
+            "use_cross_attn_rope",
+            "use_position_scale",
+            "cross_attn_x_norm",
+            "use_pe",
+            "y_norm",
+            "use_connector",
+        )
+        for name in flags:
+            value = getattr(self, name)
+            self._check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+        for name in ("in_channels", "hidden_size", "depth", "num_heads", "linear_head_dim"):
+            self._check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("caption_channels", "model_max_length", "input_size"):
+            self._check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})",
+        )
+        self._check(
+            self.hidden_size % self.linear_head_dim == 0,
+            f"hidden_size ({self.hidden_size}) must be a multiple of linear_head_dim "
+            f"({self.linear_head_dim})",
+        )
+        self._check(self.mlp_hidden >= 1, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.use_cross_attn_rope:
+            self._check(
+                self.cross_head_dim % 4 == 0,
+                f"hidden_size/num_heads must be a multiple of 4 (2-D RoPE), "
+                f"got {self.hidden_size}/{self.num_heads}",
+            )
+        if self.use_pe:
+            self._check(
+                self.hidden_size % 4 == 0,
+                f"hidden_size must be a multiple of 4 (2-D sin-cos embedding), got {self.hidden_size}",
+            )
+        if self.use_connector:
+            channels = self.connector_channels
+            self._check(
+                isinstance(channels, int) and not isinstance(channels, bool) and channels >= 1,
+                f"connector_channels must be an int >= 1 when use_connector is true, got {channels!r}",
+            )

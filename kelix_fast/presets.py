@@ -18,13 +18,23 @@ from kelix_fast.api import KelixAR
 from kelix_fast.config import (
     BlockDecoderConfig,
     KelixARConfig,
+    KelixDiTConfig,
     LLMConfig,
     TokenizerConfig,
     VisionConfig,
 )
+from kelix_fast.models.dit import KelixDiT
 from kelix_fast.models.kelix_ar import KelixARModel
 
-__all__ = ["random_weights", "tiny", "tiny_config", "write_checkpoint"]
+__all__ = [
+    "random_weights",
+    "tiny",
+    "tiny_config",
+    "tiny_dit",
+    "tiny_dit_config",
+    "tiny_vae",
+    "write_checkpoint",
+]
 
 # Special ids of the release (kelix-ar.md §2.2).
 TEXT_VOCAB = 151936
@@ -99,13 +109,23 @@ def tiny_config(*, codes_per_group: int = 64) -> KelixARConfig:
 def random_weights(config: KelixARConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic random float32 weights for ``config`` under the official key names.
 
-    Each tensor has its own generator seeded from ``sha256(f"{seed}|{key}")``, so values do not depend on
-    construction order. Norm weights 1 + 0.1 N, biases 0.05 N, embeddings N(0, 1), matrices
-    N(0, 1/fan_in). As in the golden fixtures, the output row of the end-of-block id is scaled by 4 (so the
-    random model closes blocks) and that of the image placeholder by 0.1 (so it is practically never emitted).
+    See :func:`_random_tensors`. As in the golden fixtures, the output row of the end-of-block id is
+    scaled by 4 (so the random model closes blocks) and that of the image placeholder by 0.1 (so it is
+    practically never emitted).
     """
+    weights = _random_tensors(KelixARModel.checkpoint_layout(config), seed)
+    head = weights["model.model.output.weight"]
+    head[config.llm.q_eos_token] *= 4.0
+    head[config.llm.image_token_id] *= 0.1
+    return weights
+
+
+def _random_tensors(layout: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """One tensor per key, each from its own generator seeded by ``sha256(f"{seed}|{key}")`` (values do not
+    depend on construction order): norm weights 1 + 0.1 N, biases 0.05 N, lookup tables N(0, 1), other
+    matrices N(0, 1/fan_in)."""
     weights = {}
-    for key, shape in KelixARModel.checkpoint_layout(config).items():
+    for key, shape in layout.items():
         digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         value = torch.randn(shape, generator=gen)
@@ -120,10 +140,71 @@ def random_weights(config: KelixARConfig, seed: int = 0) -> dict[str, torch.Tens
         elif len(shape) >= 2 and not key.endswith(_TABLES):
             value = value / (value[0].numel() ** 0.5)
         weights[key] = value
-    head = weights["model.model.output.weight"]
-    head[config.llm.q_eos_token] *= 4.0
-    head[config.llm.image_token_id] *= 0.1
     return weights
+
+
+def tiny_dit_config() -> KelixDiTConfig:
+    """A Kelix-DiT matching :func:`tiny_config` (connector from its 64-wide LLM) and :func:`tiny_vae`
+    (8 latent channels, 32x): 2 blocks of width 64, conditions of up to 16 rows."""
+    raw = {
+        "__class__": "SanaConfig",
+        "input_size": 5,
+        "in_channels": 8,
+        "hidden_size": 64,
+        "depth": 2,
+        "num_heads": 2,
+        "linear_head_dim": 32,
+        "caption_channels": 48,
+        "model_max_length": 16,
+        "qk_norm": True,
+        "cross_norm": True,
+        "use_connector": True,
+        "connector_channels": tiny_config().llm.embed_dim,
+    }
+    return KelixDiTConfig.from_dict(raw)
+
+
+def tiny_dit(seed: int = 0, *, device=None, dtype=None) -> KelixDiT:
+    """The embedded tiny Kelix-DiT (:func:`tiny_dit_config`) with deterministic random weights."""
+    config = tiny_dit_config()
+    with torch.device("meta"):
+        layout = {name: tuple(p.shape) for name, p in KelixDiT(config).named_parameters()}
+    return KelixDiT.from_weights(config, _random_tensors(layout, seed), device=device, dtype=dtype)
+
+
+# The SANA f32c32 DC-AE structure with tiny widths (as the golden fixtures' VAE).
+TINY_VAE_CONFIG = {
+    "in_channels": 3,
+    "latent_channels": 8,
+    "attention_head_dim": 8,
+    "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    "encoder_block_out_channels": [8, 8, 16, 16, 32, 32],
+    "decoder_block_out_channels": [8, 8, 16, 16, 32, 32],
+    "encoder_layers_per_block": [1] * 6,
+    "decoder_layers_per_block": [1] * 6,
+    "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+    "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+    "upsample_block_type": "interpolate",
+    "downsample_block_type": "Conv",
+    "decoder_norm_types": "rms_norm",
+    "decoder_act_fns": "silu",
+    "scaling_factor": 0.41407,
+}
+
+
+def tiny_vae(seed: int = 0, *, device=None, dtype=None):
+    """A tiny diffusers ``AutoencoderDC`` (:data:`TINY_VAE_CONFIG`), randomly initialised from ``seed``."""
+    from diffusers import AutoencoderDC
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderDC(**TINY_VAE_CONFIG)
+    vae = vae.to(device)
+    # diffusers warns on any dtype cast through .to(); float32 (the CPU default) needs none
+    return (vae if dtype == torch.float32 else vae.to(dtype)).eval()
 
 
 def write_checkpoint(

@@ -97,9 +97,8 @@ def decode_blocks(
     chain = torch.full((n, width), NOT_GENERATED, dtype=torch.int64, device=hidden.device)
     chain[:, : len(steps.ids)] = torch.stack(steps.ids, dim=1)
     eob_before = torch.cumsum(chain == q_eos, dim=1) - (chain == q_eos).long()
-    chain = chain.masked_fill(
-        eob_before > 0, NOT_GENERATED
-    )  # steps run after the row's block ended
+    # Steps that ran after a row's own end-of-block (other rows were still open) are not part of its chain.
+    chain = chain.masked_fill(eob_before > 0, NOT_GENERATED)
 
     if sampler == "sequential":
         groups = chain

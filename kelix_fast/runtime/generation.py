@@ -16,6 +16,7 @@ import torch
 from kelix_fast.models.kelix_ar import KelixARModel
 from kelix_fast.runtime.block_decoding import decode_blocks, run_chain
 from kelix_fast.runtime.sampling import SamplingParams
+from kelix_fast.runtime.timing import StageTimer
 
 
 @dataclass
@@ -61,9 +62,14 @@ def generate(
     sampler: str,
     generators: Sequence[torch.Generator | None],
     return_hidden_states: bool,
+    timings: dict[str, float] | None = None,
 ) -> list[RequestOutput]:
-    """Generate up to ``max_new_blocks`` groups after each prompt (prompts: [L_b, G+1] int64, validated)."""
+    """Generate up to ``max_new_blocks`` groups after each prompt (prompts: [L_b, G+1] int64, validated).
+
+    ``timings``, when given, receives the seconds of the ``prefill`` (LLM + first block) and ``decode``.
+    """
     eos = model.config.llm.eos_token_id
+    timer = StageTimer(timings, prompts[0].device)
     capacity = max(p.shape[0] for p in prompts) + max_new_blocks - 1
     h, _, cache, lengths = _prefill(model, prompts, capacity, hidden_states=False)
     rows = torch.arange(len(prompts), device=h.device)
@@ -80,6 +86,7 @@ def generate(
             new_groups[b].append(groups[b])
             chains[b].append(chain[b])
         done |= groups[:, 0] == eos
+        timer.lap("prefill" if step == 0 else "decode")
         if bool(done.all()) or step == max_new_blocks - 1:
             break
         pos = lengths + step  # the new group's position in each request

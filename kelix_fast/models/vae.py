@@ -1,0 +1,87 @@
+"""The DC-AE VAE of Kelix-DiT, through diffusers' ``AutoencoderDC`` (kelix-dit.md §7).
+
+diffusers is imported on first use only: it takes seconds to import and the AR side never needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderDC
+
+__all__ = ["decode_latents", "load_vae"]
+
+
+def load_vae(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> AutoencoderDC:
+    """Load a diffusers ``AutoencoderDC`` directory (``config.json`` + ``diffusion_pytorch_model.*``).
+
+    device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA, float32 on CPU.
+
+    Raises:
+        FileNotFoundError: no config.json in ``path``. ValueError: the directory holds another model.
+    """
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"load_vae: no config.json in {path} (expected a diffusers AutoencoderDC)"
+        )
+    with open(config_file, encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name")
+    if class_name != "AutoencoderDC":
+        raise ValueError(
+            f"load_vae: {path} must hold a diffusers AutoencoderDC, its config.json says "
+            f"_class_name={class_name!r}"
+        )
+    from diffusers import AutoencoderDC
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # low_cpu_mem_usage=False: the default path needs the optional `accelerate` package and warns without it
+    vae = AutoencoderDC.from_pretrained(os.fspath(path), torch_dtype=dtype, low_cpu_mem_usage=False)
+    return vae.to(device).eval()
+
+
+@torch.inference_mode()
+def decode_latents(vae: AutoencoderDC, latents: torch.Tensor) -> torch.Tensor:
+    """DiT latents -> images, as the official demo does: ``decode(z / scaling_factor)``, then
+    ``(x / 2 + 0.5).clamp(0, 1)`` in the VAE dtype, then ``round(255 * .)``.
+
+    Args:
+        latents: [B, C, h, w] float, C = the VAE's latent channels, on the VAE's device.
+
+    Returns:
+        [B, 32*h, 32*w, 3] uint8 (for the f32 DC-AE; the spatial factor comes from the VAE).
+    """
+    weight = next(vae.parameters())
+    channels = vae.config.latent_channels
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(
+            f"decode_latents: latents must be a torch.Tensor, got {type(latents).__name__}"
+        )
+    if latents.dim() != 4 or latents.shape[1] != channels or min(latents.shape) == 0:
+        raise ValueError(
+            f"decode_latents: latents must have shape [B, {channels}, h, w] with B, h, w >= 1, "
+            f"got {list(latents.shape)}"
+        )
+    if not latents.is_floating_point():
+        raise ValueError(f"decode_latents: latents must be a float tensor, got {latents.dtype}")
+    if latents.device != weight.device:
+        raise ValueError(
+            f"decode_latents: latents must be on the VAE's device ({weight.device}), got {latents.device}"
+        )
+    decoded = vae.decode(latents.to(weight.dtype) / vae.config.scaling_factor).sample
+    image = (decoded / 2 + 0.5).clamp(
+        0, 1
+    )  # rounded in the VAE dtype, as the official pipeline does
+    return (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1)

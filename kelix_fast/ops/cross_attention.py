@@ -1,0 +1,68 @@
+"""``cross_attention``: softmax attention of the latent tokens to the padded condition (kelix-dit.md §3.5.2).
+
+Only the PyTorch reference exists so far (a varlen flash kernel comes with the DiT attention issue, §9.5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kelix_fast.ops import _checks, _dispatch
+
+_OP = "cross_attention"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The official additive key-padding bias, (1 - mask) * -10000: finite, so a row whose keys are all masked
+# averages every value instead of producing NaN, and it is rounded to the input dtype (-9984 in bf16).
+MASK_BIAS = -10000.0
+
+
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``o = softmax(q k^T * scale + bias) v`` with ``bias = 0`` on valid keys, ``-10000`` on masked ones.
+
+    Non-causal; every query of sample b sees the keys of sample b. Scores, bias and softmax are float32;
+    the bias is first rounded to the input dtype, as the official ``(1 - mask) * -10000`` tensor is.
+
+    Args:
+        q: [B, Lq, H, d]; k, v: [B, Lk, H, d]; same float dtype (float32/bfloat16/float16) and device.
+        key_mask: [B, Lk] bool, True = valid key (padding rows of the condition are False).
+        scale: softmax scale, default ``d ** -0.5``.
+        backend: ``"auto" | "torch"``.
+
+    Returns:
+        [B, Lq, H, d] in the dtype of ``q``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("key_mask", key_mask)):
+        _checks.tensor(_OP, name, t)
+    _checks.shape(_OP, "q", q, (None, None, None, None), "B, Lq, H, d")
+    _checks.shape(_OP, "k", k, (q.shape[0], None, q.shape[2], q.shape[3]), "B, Lk, H, d")
+    _checks.shape(_OP, "v", v, tuple(k.shape), "B, Lk, H, d like k")
+    _checks.shape(_OP, "key_mask", key_mask, tuple(k.shape[:2]), "B, Lk")
+    _checks.dtype(_OP, "q", q, _FLOAT_DTYPES)
+    _checks.same_dtype(_OP, q=q, k=k, v=v)
+    _checks.dtype(_OP, "key_mask", key_mask, (torch.bool,))
+    _checks.same_device(_OP, q=q, k=k, v=v, key_mask=key_mask)
+    if k.shape[1] == 0:
+        raise ValueError(f"{_OP}: k must hold at least one key, got shape {list(k.shape)}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    _dispatch.pick(_OP, _IMPLS, backend, q, k, v, key_mask).run(q, k, v, key_mask, scale, out)
+    return out
+
+
+def _reference(q, k, v, key_mask, scale, out) -> None:
+    bias = torch.tensor(MASK_BIAS, dtype=q.dtype).float().item()
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    scores = scores + torch.where(key_mask, 0.0, bias)[:, None, None, :]
+    out.copy_(torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()))
+
+
+_IMPLS = {"torch": _dispatch.Impl(_reference, can_run=_dispatch.always)}
