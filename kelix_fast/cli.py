@@ -85,7 +85,12 @@ def generate(args: argparse.Namespace) -> int:
         model_max_length=args.max_condition_length,
     )
     image = pipe.generate_image(
-        args.prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed, size=args.size
+        args.prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        size=args.size,
+        progress=True,
     )
     image.save(args.output)
     print(f"written {args.output} ({image.size[0]}x{image.size[1]})")
@@ -97,9 +102,10 @@ def chat(args: argparse.Namespace) -> int:
     pipe = KelixPipeline.from_pretrained(args.ar, device=args.device, dtype=args.dtype)
     if args.image is None:
         messages = [{"role": "user", "content": args.question}]
-        print(pipe.chat(messages, max_new_tokens=args.max_new_tokens))
+        print(pipe.chat(messages, max_new_tokens=args.max_new_tokens, progress=True))
     else:
-        print(pipe.chat((args.image, args.question), max_new_tokens=args.max_new_tokens))
+        question = (args.image, args.question)
+        print(pipe.chat(question, max_new_tokens=args.max_new_tokens, progress=True))
     _print_timings("per stage", pipe.timings)
     return 0
 

@@ -29,6 +29,8 @@ from kelix_fast.models.kelix_ar import KelixARModel
 __all__ = [
     "random_weights",
     "tiny",
+    "tiny_aedit",
+    "tiny_aedit_config",
     "tiny_config",
     "tiny_dit",
     "tiny_dit_config",
@@ -164,9 +166,25 @@ def tiny_dit_config() -> KelixDiTConfig:
     return KelixDiTConfig.from_dict(raw)
 
 
+def tiny_aedit_config() -> KelixDiTConfig:
+    """A Kelix-AEDIT-like DiT for :func:`tiny_config`: no connector, conditioned directly on the fused
+    Kelix-Tok code features (``output_dim`` = 48 wide), up to 64 condition rows."""
+    raw = {**tiny_dit_config().to_dict(), "use_connector": False, "connector_channels": None}
+    raw.update(caption_channels=tiny_config().tokenizer.output_dim, model_max_length=64)
+    return KelixDiTConfig.from_dict(raw)
+
+
 def tiny_dit(seed: int = 0, *, device=None, dtype=None) -> KelixDiT:
     """The embedded tiny Kelix-DiT (:func:`tiny_dit_config`) with deterministic random weights."""
-    config = tiny_dit_config()
+    return _random_dit(tiny_dit_config(), seed, device=device, dtype=dtype)
+
+
+def tiny_aedit(seed: int = 0, *, device=None, dtype=None) -> KelixDiT:
+    """The embedded tiny Kelix-AEDIT (:func:`tiny_aedit_config`) with deterministic random weights."""
+    return _random_dit(tiny_aedit_config(), seed, device=device, dtype=dtype)
+
+
+def _random_dit(config: KelixDiTConfig, seed: int, *, device, dtype) -> KelixDiT:
     with torch.device("meta"):
         layout = {name: tuple(p.shape) for name, p in KelixDiT(config).named_parameters()}
     return KelixDiT.from_weights(config, _random_tensors(layout, seed), device=device, dtype=dtype)

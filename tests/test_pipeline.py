@@ -53,3 +53,20 @@ def test_generate_image_is_deterministic_per_seed(pipe):
 def test_generate_image_rejects_bad_arguments(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pipe.generate_image("a fox", **{"size": 64, **kwargs})
+
+
+def test_reconstruct_runs_the_aedit_path(pipe):
+    image = pipe.reconstruct(_image(), steps=2, size=64, seed=0)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert list(pipe.timings) == ["preprocess", "vit_vq", "dit", "vae"]
+    again = pipe.reconstruct(_image(), steps=2, size=64, seed=0)
+    assert image.tobytes() == again.tobytes()
+    with pytest.raises(ValueError, match="fusion must be 'sum' or 'mean'"):
+        pipe.reconstruct(_image(), steps=1, size=64, fusion="max")
+
+
+def test_mean_fusion_is_the_sum_over_the_codebook_count(pipe):
+    tok = pipe.ar.model.tokenizer
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    total = tok.forward_indices(codes, fusion="sum")
+    torch.testing.assert_close(tok.forward_indices(codes, fusion="mean"), total / 8)

@@ -135,10 +135,14 @@ class KelixTokenizer(nn.Module):
         """pixel_values: [Np, 3, p, p] -> ids [n_tok, G] int64 (images in order, merged tokens raster)."""
         return self.quantize(self.encode(pixel_values, grids), vq=vq, vocab_offset=vocab_offset)
 
-    def forward_indices(self, codes: torch.Tensor) -> torch.Tensor:
+    def forward_indices(self, codes: torch.Tensor, *, fusion: str | None = None) -> torch.Tensor:
         """Fused token embeddings of local codes: ``fuse_g up_g(C_g[codes[:, g]])``.
 
-        codes: [n, G] int64 in [0, K) -> [n, output_dim] (sum, or mean for ``fusion_type="mean"``).
+        codes: [n, G] int64 in [0, K) -> [n, output_dim]. ``fusion``: "sum" or "mean" (Kelix-AEDIT);
+        default the config's ``fusion_type``.
         """
+        fusion = fusion or self.config.fusion_type
+        if fusion not in ("sum", "mean"):
+            raise ValueError(f"forward_indices: fusion must be 'sum' or 'mean', got {fusion!r}")
         fused = sum(up(self.codebooks[g][codes[:, g]]) for g, up in enumerate(self.up_projectors))
-        return fused / len(self.up_projectors) if self.config.fusion_type == "mean" else fused
+        return fused / len(self.up_projectors) if fusion == "mean" else fused

@@ -14,20 +14,40 @@ import torch
 
 from kelix_fast.models.dit import DiTCondition, KelixDiT, dit_position_args
 
+SCHEDULES = ("linspace", "default")
 
-def flow_schedule(steps: int, shift: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def flow_schedule(
+    steps: int, shift: float = 3.0, *, schedule: str = "linspace"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas [steps + 1] float32 ending in 0, timesteps [steps] float32 = 1000 * sigma).
 
-    ``s = float32(linspace(1, 1/N, N))`` (linspace in float64), ``sigma = shift*s / (1 + (shift-1)*s)`` in
-    float32. The model truncates the timesteps to integers (874.99994 -> 874), as the official one does.
+    ``schedule="linspace"`` (the Kelix-DiT t2i demo, kelix-dit.md §5.1): ``s = float32(linspace(1, 1/N,
+    N))`` (linspace in float64), ``sigma = shift*s / (1 + (shift-1)*s)`` in float32.
+    ``schedule="default"`` (diffusers without explicit sigmas: AEDIT and the 20-step scripts, §5.3):
+    ``linspace(1000, 1000*sigma_min, N) / 1000`` in float64, with ``sigma_min`` the float32 shifted
+    value of 1/1000, then shifted *again* in float64 (a diffusers quirk) and cast to float32.
+    The model truncates the timesteps to integers (874.99994 -> 874), as the official one does.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"flow_schedule: steps must be an int >= 1, got {steps!r}")
-    if not shift > 0:
+    if not isinstance(shift, (int, float)) or not shift > 0:
         raise ValueError(f"flow_schedule: shift must be > 0, got {shift!r}")
-    s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
-    shift32 = np.float32(shift)
-    sigmas = shift32 * s / (np.float32(1.0) + (shift32 - np.float32(1.0)) * s)
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"flow_schedule: schedule must be one of {list(SCHEDULES)}, got {schedule!r}"
+        )
+    if schedule == "linspace":
+        s = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+        shift32 = np.float32(shift)
+        sigmas = shift32 * s / (np.float32(1.0) + (shift32 - np.float32(1.0)) * s)
+    else:
+        first = np.float32(1.0 / 1000)
+        sigma_min = float(
+            np.float32(shift) * first / (np.float32(1.0) + np.float32(shift - 1) * first)
+        )
+        s = np.linspace(1000.0, sigma_min * 1000.0, steps) / 1000.0
+        sigmas = (shift * s / (1.0 + (shift - 1.0) * s)).astype(np.float32)
     timesteps = sigmas * np.float32(1000.0)
     sigmas = np.concatenate([sigmas, np.zeros(1, dtype=np.float32)])
     return torch.from_numpy(sigmas), torch.from_numpy(timesteps)
@@ -41,10 +61,12 @@ def sample_latents(
     steps: int = 50,
     guidance_scale: float = 1.0,
     shift: float = 3.0,
+    schedule: str = "linspace",
     image_size: int = 1024,
     noise: torch.Tensor | None = None,
     seed: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    image_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Denoise latents from noise with FlowMatch Euler, conditioned on LLM hidden states.
 
@@ -57,11 +79,14 @@ def sample_latents(
     Args:
         dit: the model. cond_hidden: [B, Lc, D_llm] last-layer LLM states (zero rows past the mask).
         cond_mask: [B, Lc], 1 on the valid prefix of each condition.
-        steps: >= 1 Euler steps. shift: the schedule shift (3.0 for Kelix-DiT).
+        steps: >= 1 Euler steps. shift, schedule: see :func:`flow_schedule` (3.0 and "linspace" for
+            the Kelix-DiT demo).
         image_size: output side in pixels, a multiple of the VAE factor (``vae_downsample_rate``).
         noise: [B, C, h, w] initial latents, or None to draw them (float32, CPU generator of ``seed``,
             then moved to the model: the same numbers on every device).
         callback: called as ``callback(step, latents)`` after every step.
+        image_grid: the patch grid of a condition image (AEDIT), for the cross-attention positions; None
+            for the T2I demo's (see :func:`dit_position_args`).
 
     Returns:
         [B, C, h, w] latents in the model dtype.
@@ -85,7 +110,7 @@ def sample_latents(
         raise ValueError(
             f"sample_latents: guidance_scale must be a finite number >= 0, got {guidance_scale!r}"
         )
-    sigmas, timesteps = flow_schedule(steps, shift)
+    sigmas, timesteps = flow_schedule(steps, shift, schedule=schedule)
     if not isinstance(cond_hidden, torch.Tensor) or cond_hidden.dim() != 3:
         raise ValueError(
             f"sample_latents: cond_hidden must be a [B, Lc, D] tensor, got {_describe(cond_hidden)}"
@@ -115,7 +140,11 @@ def sample_latents(
     conditions, nulls = [], []
     for b in range(batch):
         latent_pos, cond_pos = dit_position_args(
-            (side, side), cond_length=length, valid_length=valid[b], image_size=image_size
+            (side, side),
+            cond_length=length,
+            valid_length=valid[b],
+            image_size=image_size,
+            image_grid=image_grid,
         )
         positions = {"cond_positions": cond_pos, "latent_positions": latent_pos}
         conditions.append(

@@ -8,7 +8,7 @@ A request stops when a generated block (the first one included) has ``<|im_end|>
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,10 +63,12 @@ def generate(
     generators: Sequence[torch.Generator | None],
     return_hidden_states: bool,
     timings: dict[str, float] | None = None,
+    step_callback: Callable[[int], None] | None = None,
 ) -> list[RequestOutput]:
     """Generate up to ``max_new_blocks`` groups after each prompt (prompts: [L_b, G+1] int64, validated).
 
-    ``timings``, when given, receives the seconds of the ``prefill`` (LLM + first block) and ``decode``.
+    ``timings``, when given, receives the seconds of the ``prefill`` (LLM + first block) and ``decode``;
+    ``step_callback(n)`` is called after the n-th new group of the batch (progress reporting).
     """
     eos = model.config.llm.eos_token_id
     timer = StageTimer(timings, prompts[0].device)
@@ -87,6 +89,8 @@ def generate(
             chains[b].append(chain[b])
         done |= groups[:, 0] == eos
         timer.lap("prefill" if step == 0 else "decode")
+        if step_callback is not None:
+            step_callback(step + 1)
         if bool(done.all()) or step == max_new_blocks - 1:
             break
         pos = lengths + step  # the new group's position in each request

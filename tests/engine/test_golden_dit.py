@@ -125,3 +125,15 @@ def test_condition_prepared_once_serves_every_sampling_step(golden_dit, load_fix
         )
         assert_close(velocity[0], fx["noise_pred_uncond"][step], f"step {step} uncond")
         assert_close(velocity[1], fx["noise_pred_cond"][step], f"step {step} cond")
+
+
+def test_position_args_with_a_real_image_grid():
+    """The AEDIT call: a 36 x 36 patch grid and 324 condition rows give an 18 x 18 raster."""
+    from kelix_fast import dit_position_args
+
+    latent, cond = dit_position_args(
+        (16, 16), cond_length=324, valid_length=324, image_size=512, image_grid=(36, 36)
+    )
+    assert cond.grid == (18, 18) and latent.grid == (512 // 28, 512 // 28)
+    assert cond.rows.tolist() == [k // 18 for k in range(324)]
+    assert cond.cols.tolist() == [k % 18 for k in range(324)]

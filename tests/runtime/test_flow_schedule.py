@@ -24,6 +24,22 @@ def test_fifty_step_schedule_matches_the_spec_table():
     assert abs(float(sigmas[15]) - 0.8749999) < 1e-7  # truncates to 874, not 875
 
 
+# kelix-dit.md §5.3: the diffusers default schedule (no explicit sigmas), N = 20, shift 3 (AEDIT).
+SPEC_DEFAULT_20 = [
+    (1.0, 1000), (0.981875, 981), (0.962386, 962), (0.941373, 941), (0.918652, 918), (0.894003, 894),
+    (0.867172, 867), (0.837855, 837), (0.805689, 805), (0.770239, 770), (0.730974, 730),
+    (0.687244, 687), (0.638240, 638), (0.582948, 582), (0.520074, 520), (0.447944, 447),
+    (0.364352, 364), (0.266330, 266), (0.149787, 149), (0.008929, 8),
+]  # fmt: skip
+
+
+def test_default_schedule_matches_the_spec_table():
+    sigmas, timesteps = flow_schedule(20, shift=3.0, schedule="default")
+    assert timesteps.long().tolist() == [t for _, t in SPEC_DEFAULT_20]
+    assert all(abs(float(s) - want) < 1e-6 for s, (want, _) in zip(sigmas, SPEC_DEFAULT_20))
+    assert sigmas[-1] == 0
+
+
 def test_schedule_matches_every_recorded_run(golden_dir):
     for path in sorted(golden_dir.glob("dit_sampling_*.safetensors")):
         fx = load_file(path)
@@ -32,7 +48,11 @@ def test_schedule_matches_every_recorded_run(golden_dir):
         assert torch.equal(timesteps, fx["scheduler_timesteps"]), path.name
 
 
-@pytest.mark.parametrize("steps, shift", [(0, 3.0), (2.5, 3.0), (True, 3.0), (4, 0.0)])
-def test_bad_schedule_arguments(steps, shift):
+@pytest.mark.parametrize(
+    "steps, shift, schedule",
+    [(0, 3.0, "linspace"), (2.5, 3.0, "linspace"), (True, 3.0, "linspace"), (4, 0.0, "linspace"),
+     (4, 3.0, "karras")],
+)  # fmt: skip
+def test_bad_schedule_arguments(steps, shift, schedule):
     with pytest.raises(ValueError, match="flow_schedule"):
-        flow_schedule(steps, shift)
+        flow_schedule(steps, shift, schedule=schedule)
