@@ -26,7 +26,7 @@ from kelix_fast.runtime.conditioning import extract_condition, text_to_image_pro
 from kelix_fast.runtime.flow import sample_latents
 from kelix_fast.runtime.sampling import SAMPLERS, SamplingParams
 from kelix_fast.runtime.timing import StageTimer
-from kelix_fast.weights import SafetensorsCheckpoint, load_weights
+from kelix_fast.weights import SafetensorsCheckpoint, engine_placement, load_weights
 
 __all__ = ["GenerationOutput", "KelixAR", "KelixPipeline"]
 
@@ -57,10 +57,6 @@ class GenerationOutput:
     lengths: torch.Tensor
     hidden_states: torch.Tensor | None
     block_decoder_ids: torch.Tensor
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class KelixAR:
@@ -114,11 +110,7 @@ class KelixAR:
         vq: str = "reference",
     ) -> KelixAR:
         """Like :meth:`from_pretrained` with a parsed config and tensors under the official key names."""
-        device = torch.device(device) if device is not None else _default_device()
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"KelixAR: dtype must be float32, bfloat16 or float16, got {dtype}")
+        device, dtype = engine_placement(device, dtype, owner="KelixAR")
         if vq not in VQ_MODES:
             raise ValueError(f"KelixAR: vq must be one of {list(VQ_MODES)}, got {vq!r}")
         with torch.device("meta"):

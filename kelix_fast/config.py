@@ -33,7 +33,21 @@ _ATTENTION_FUNCTIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3
 
 
 class ConfigError(ValueError):
-    """A config.json that is not a supported Kelix AR config; the message names the field."""
+    """A config.json that is not a supported Kelix config; the message names the field."""
+
+
+def _read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON of ``path``, a config.json file or a checkpoint directory holding one."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config: no config.json at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid JSON: {e}") from None
 
 
 class _Section:
@@ -376,17 +390,7 @@ class KelixARConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> KelixARConfig:
         """Parse ``path`` (a config.json file or a checkpoint directory holding one)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config: no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config: {path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(_read_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The official muse layout, loadable by the official ``KeyeARModel.from_pretrained``."""
@@ -541,17 +545,7 @@ class KelixDiTConfig(_Section):
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> KelixDiTConfig:
         """Parse ``path`` (a config.json file or a checkpoint directory holding one)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config: no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config: {path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        return cls.from_dict(_read_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The official muse layout, loadable by the official ``SanaConfig``."""

@@ -25,6 +25,7 @@ from kelix_fast.config import (
 )
 from kelix_fast.models.dit import KelixDiT
 from kelix_fast.models.kelix_ar import KelixARModel
+from kelix_fast.weights import engine_placement
 
 __all__ = [
     "random_weights",
@@ -215,8 +216,7 @@ def tiny_vae(seed: int = 0, *, device=None, dtype=None):
     """A tiny diffusers ``AutoencoderDC`` (:data:`TINY_VAE_CONFIG`), randomly initialised from ``seed``."""
     from diffusers import AutoencoderDC
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = engine_placement(device, dtype, owner="tiny_vae")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderDC(**TINY_VAE_CONFIG)

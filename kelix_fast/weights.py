@@ -18,9 +18,32 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-__all__ = ["SafetensorsCheckpoint", "WeightsMismatchError", "checkpoint_key", "load_weights"]
+__all__ = [
+    "ENGINE_DTYPES",
+    "SafetensorsCheckpoint",
+    "WeightsMismatchError",
+    "checkpoint_key",
+    "engine_placement",
+    "load_weights",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
+ENGINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def engine_placement(
+    device: torch.device | str | None, dtype: torch.dtype | None, *, owner: str
+) -> tuple[torch.device, torch.dtype]:
+    """Where weights live: ``device`` (default CUDA when available, else CPU) and ``dtype`` (default
+    bfloat16 on CUDA, float32 elsewhere). Raises ValueError, naming ``owner``, for an unsupported dtype."""
+    device = torch.device(
+        device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in ENGINE_DTYPES:
+        raise ValueError(f"{owner}: dtype must be float32, bfloat16 or float16, got {dtype}")
+    return device, dtype
 
 
 class WeightsMismatchError(ValueError):

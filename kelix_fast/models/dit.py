@@ -40,7 +40,7 @@ from kelix_fast.models.dit_positions import (
     _sincos_pos_embed,
     dit_position_args,
 )
-from kelix_fast.weights import SafetensorsCheckpoint, load_weights
+from kelix_fast.weights import SafetensorsCheckpoint, engine_placement, load_weights
 
 __all__ = [
     "DEAD_TENSORS",
@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 DEAD_TENSORS = ("pos_embed",)
 
 _CONNECTOR_EPS = 1e-5  # diffusion_connector's RMSNorm (§3.4)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- condition and outputs
@@ -213,13 +212,7 @@ class KelixDiT(nn.Module):
         model_max_length: int | None = None,
     ) -> KelixDiT:
         """Like :meth:`from_pretrained` with a parsed config and tensors under the official key names."""
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if dtype not in _DTYPES:
-            raise ValueError(f"KelixDiT: dtype must be float32, bfloat16 or float16, got {dtype}")
+        device, dtype = engine_placement(device, dtype, owner="KelixDiT")
         if model_max_length is not None:
             config = config.with_model_max_length(model_max_length)
         if isinstance(weights, SafetensorsCheckpoint):

@@ -14,7 +14,7 @@ from torch import nn
 
 from kelix_fast import ops
 from kelix_fast.config import KelixDiTConfig
-from kelix_fast.models.layers import rotate_half_rope
+from kelix_fast.models.layers import rms_norm, rotate_half_rope
 
 _LN_EPS = 1e-6  # the affine-free LayerNorms before modulation and cross_attn_x_norm
 _CROSS_NORM_EPS = 1e-5  # cross_norm's q/k RMSNorms: fixed, not norm_eps (§3.5.2)
@@ -34,9 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.scale
+        return rms_norm(x, self.scale, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight``: normalised in float32, scaled in x's dtype."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return normed.to(x.dtype) * weight
 
 
 class SwiGLU(nn.Module):

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kelix_fast.weights import engine_placement
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderDC
 
@@ -45,8 +47,7 @@ def load_vae(
         )
     from diffusers import AutoencoderDC
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = engine_placement(device, dtype, owner="load_vae")
     # low_cpu_mem_usage=False: the default path needs the optional `accelerate` package and warns without it
     vae = AutoencoderDC.from_pretrained(os.fspath(path), torch_dtype=dtype, low_cpu_mem_usage=False)
     return vae.to(device).eval()
