@@ -1,11 +1,13 @@
 """Backend selection for the ops: explicit, inspectable, never silent (STYLE.md §3).
 
 Each op declares a table ``{backend: Impl}`` in preference order. An explicit backend runs or raises
-:class:`BackendUnavailableError` with the reason; ``"auto"`` takes the first backend that can run.
+:class:`BackendUnavailableError` with the reason; ``"auto"`` takes the first backend that can run and that
+``"auto"`` may choose (``Impl.auto_can_run``: the Triton interpreter runs only when asked for by name).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -23,14 +25,42 @@ class Impl:
     """One backend of an op: the function that fills the outputs, and a ``can_run`` probe.
 
     ``can_run(*tensors)`` returns ``None`` when the backend can run on these inputs, else the reason.
+    ``auto_can_run``, when given, is an extra condition for ``backend="auto"`` only (same contract).
     """
 
     run: Callable[..., None]
     can_run: Callable[..., str | None]
+    auto_can_run: Callable[..., str | None] | None = None
 
 
 def always(*_: object) -> None:
     return None
+
+
+def needs_triton(*tensors: torch.Tensor) -> str | None:
+    """Probe of the ``triton`` backend: triton importable, and CUDA tensors or the interpreter on.
+
+    CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` before the kernels are
+    imported; a correctness tool at milliseconds per program, never a fast path).
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if all(t.is_cuda for t in tensors):
+        return None
+    import triton
+
+    if not triton.knobs.runtime.interpret:
+        devices = sorted({str(t.device) for t in tensors if not t.is_cuda})
+        return f"tensors on {', '.join(devices)} need Triton's interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
+def on_cuda(*tensors: torch.Tensor) -> str | None:
+    """``auto_can_run`` of a GPU backend that can also run elsewhere only as a slow test path."""
+    if all(t.is_cuda for t in tensors):
+        return None
+    devices = sorted({str(t.device) for t in tensors if not t.is_cuda})
+    return f"auto picks it for CUDA tensors only, got {', '.join(devices)} (ask for it by name)"
 
 
 def pick(op: str, impls: Mapping[str, Impl], backend: str, *tensors: torch.Tensor) -> Impl:
@@ -41,6 +71,8 @@ def pick(op: str, impls: Mapping[str, Impl], backend: str, *tensors: torch.Tenso
         reasons = []
         for name, impl in impls.items():
             reason = impl.can_run(*tensors)
+            if reason is None and impl.auto_can_run is not None:
+                reason = impl.auto_can_run(*tensors)
             if reason is None:
                 return impl
             reasons.append(f"{name}: {reason}")

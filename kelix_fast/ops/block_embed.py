@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kelix_fast.ops import _checks, _dispatch
+from kelix_fast.ops import _checks, _cuda, _dispatch
 
 _OP = "block_embed"
 
@@ -22,7 +22,9 @@ def block_embed(
         ids: [B, L, G+1] int64 (G+1 = 9), ids in [0, V).
         table: [V, D] float, the embedding table (``tok_embeddings.embed_tokens``).
         q_eos: the end-of-block id. text_vocab: first visual id.
-        backend: ``"auto" | "torch"``.
+        backend: ``"auto" | "cuda" | "triton" | "torch"``. ``"auto"`` picks cuda (kelix_fast._C built),
+            then triton, for CUDA tensors, and torch otherwise; triton on CPU tensors runs only when asked for by name under Triton's interpreter
+            (``TRITON_INTERPRET=1``, a test path). Both sum the slots left to right in float32.
 
     Returns:
         [B, L, D] in the dtype of ``table``; summed in float32 and rounded once.
@@ -54,4 +56,16 @@ def _reference(ids, table, out, q_eos, text_vocab) -> None:
     out.copy_(acc)
 
 
-_IMPLS = {"torch": _dispatch.Impl(_reference, can_run=_dispatch.always)}
+def _triton(ids, table, out, q_eos, text_vocab) -> None:
+    from kelix_fast.triton_kernels import block_embed as kernels
+
+    kernels.block_embed(ids, table, out, q_eos=q_eos, text_vocab=text_vocab)
+
+
+_IMPLS = {
+    "cuda": _dispatch.Impl(_cuda.block_embed, can_run=_cuda.can_run_block_embed),
+    "triton": _dispatch.Impl(
+        _triton, can_run=_dispatch.needs_triton, auto_can_run=_dispatch.on_cuda
+    ),
+    "torch": _dispatch.Impl(_reference, can_run=_dispatch.always),
+}

@@ -1,6 +1,7 @@
 """``codebook_argmin``: the multi-sub-codebook nearest-neighbour lookup of Kelix-Tok (kelix-ar.md §3.5).
 
-Only the PyTorch reference exists so far; the fused Triton/CUDA kernels plug into ``_IMPLS``.
+Backends: ``triton`` (``kelix_fast.triton_kernels.codebook_argmin``, fused, no [n, K] matrix) and the
+PyTorch reference ``torch``; ``"auto"`` prefers triton for CUDA tensors (see ``backend`` below).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kelix_fast.ops import _checks, _dispatch
+from kelix_fast.ops import _checks, _cuda, _dispatch
 
 MODES = ("reference", "exact")
 _OP = "codebook_argmin"
@@ -42,7 +43,12 @@ def codebook_argmin(
             (``cdist(u, C)**2`` through ``[-2u, |u|^2, 1] @ [c, 1, |c|^2]^T``, clamp, sqrt, square; in bf16
             this is the release's behaviour, near-ties included). ``"exact"`` is the float32 nearest
             neighbour on ``|c|^2 - 2 u.c``. Both keep the first index on ties.
-        backend: ``"auto" | "torch"`` (kernels come later). See :func:`kelix_fast.ops.resolve_backend`.
+        backend: ``"auto" | "cuda" | "triton" | "torch"``. See :func:`kelix_fast.ops.resolve_backend`.
+            ``"auto"`` picks cuda (when kelix_fast._C is built and d is supported), then triton, for CUDA
+            tensors, and torch otherwise; triton on CPU tensors runs only when asked
+            for by name under Triton's interpreter (``TRITON_INTERPRET=1``, a test path). In bf16
+            ``mode="reference"`` triton emulates each rounding step but accumulates the GEMM in its own
+            order, so near-ties may resolve differently from a GEMM library (kelix-ar.md §3.5).
 
     Returns:
         ids: [n, G] int64 global vocabulary ids.
@@ -118,4 +124,30 @@ def _reference(
         ids[:, g] = dist.argmin(dim=-1) + (vocab_offset + g * num_codes)
 
 
-_IMPLS = {"torch": _dispatch.Impl(_reference, can_run=_dispatch.always)}
+def _triton(
+    z, ln_weight, ln_bias, codebooks, codebook_sqnorms, ids, vocab_offset, mode, eps
+) -> None:
+    from kelix_fast.triton_kernels import codebook_argmin as kernels
+
+    if mode == "exact" and codebook_sqnorms is None:
+        codebook_sqnorms = codebooks.float().square().sum(-1)  # what _reference computes per group
+    kernels.codebook_argmin(
+        z,
+        ln_weight,
+        ln_bias,
+        codebooks,
+        codebook_sqnorms,
+        ids,
+        vocab_offset=vocab_offset,
+        mode=mode,
+        eps=eps,
+    )
+
+
+_IMPLS = {
+    "cuda": _dispatch.Impl(_cuda.codebook_argmin, can_run=_cuda.can_run_codebook_argmin),
+    "triton": _dispatch.Impl(
+        _triton, can_run=_dispatch.needs_triton, auto_can_run=_dispatch.on_cuda
+    ),
+    "torch": _dispatch.Impl(_reference, can_run=_dispatch.always),
+}

@@ -95,3 +95,69 @@ def test_bfloat16_table_sums_in_float32(table):
 def test_bad_ids_are_rejected(table, ids, match):
     with pytest.raises(ValueError, match=match):
         ops.block_embed(ids, table, q_eos=Q_EOS, text_vocab=TEXT_VOCAB)
+
+
+# --- the triton backend (the interpreter on CPU: TRITON_INTERPRET=1 from tests/conftest.py) ---------------
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _random_groups(shape, seed):
+    """Visual, text-led and q_eos-led groups, with q_eos at random places inside them."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (*shape, 9), generator=gen)
+    ids[..., 0] = torch.where(torch.rand(shape, generator=gen) < 0.8, ids[..., 0], Q_EOS)
+    return ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [5, 600])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (1, 129)])
+def test_triton_matches_reference(shape, dim, dtype, device):
+    """D = 5 and 600 are no multiple of the 512-wide feature tile; same slot order, so bit-identical."""
+    table = torch.randn(V, dim, generator=torch.Generator().manual_seed(dim)).to(device, dtype)
+    ids = _random_groups(shape, seed=shape[1]).to(device)
+    args = {"q_eos": Q_EOS, "text_vocab": TEXT_VOCAB}
+    want = ops.block_embed(ids, table, **args, backend="torch")
+    assert torch.equal(ops.block_embed(ids, table, **args, backend="triton"), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_launcher_writes_only_its_outputs(dtype, device):
+    """Direct launch into a NaN-poisoned strided view; ids and table are strided views as well."""
+    from kelix_fast.triton_kernels import block_embed as kernels
+
+    batch, length, dim = 2, 7, 37
+    wide_table = torch.randn(V, 2 * dim, generator=torch.Generator().manual_seed(1))
+    table = wide_table.to(device, dtype)[:, ::2]
+    ids = _random_groups((length, batch), seed=4).to(device).transpose(0, 1)  # [B, L, 9], L-major
+    poison = torch.full((batch, length + 1, dim + 3), float("nan"), dtype=dtype, device=device)
+    out = poison[:, :length, :dim]
+    kernels.block_embed(ids, table, out, q_eos=Q_EOS, text_vocab=TEXT_VOCAB)
+    want = ops.block_embed(ids, table, q_eos=Q_EOS, text_vocab=TEXT_VOCAB, backend="torch")
+    assert torch.equal(out, want)
+    assert bool(poison[:, length:].isnan().all()) and bool(poison[..., dim:].isnan().all())
+
+
+def test_triton_hand_worked_groups(table):
+    """The quirks of test_group_rules, through the triton backend."""
+    groups = [
+        [3, Q_EOS, Q_EOS, Q_EOS, Q_EOS, Q_EOS, Q_EOS, Q_EOS, Q_EOS],
+        [10, 12, 14, 16, 18, 20, 22, 24, Q_EOS],
+        [11, 13, Q_EOS, 15, 17, 19, 21, 23, Q_EOS],
+        [4, 7, 8, Q_EOS, 1, 1, 1, 1, Q_EOS],
+        [Q_EOS, 3, 3, 3, 3, 3, 3, 3, Q_EOS],
+        [5, 6, 7, 8, 1, 2, 3, 4, 0],
+    ]
+    ids = torch.tensor([groups])
+    args = {"q_eos": Q_EOS, "text_vocab": TEXT_VOCAB}
+    want = ops.block_embed(ids, table, **args, backend="torch")
+    assert torch.equal(ops.block_embed(ids, table, **args, backend="triton"), want)
+
+
+def test_auto_prefers_triton_only_for_cuda_tensors(table):
+    ids = torch.zeros(1, 1, 9, dtype=torch.int64)
+    assert ops.resolve_backend("block_embed", "auto", ids, table) == "torch"
+    assert ops.resolve_backend("block_embed", "triton", ids, table) == "triton"

@@ -10,7 +10,9 @@
 
 /* Bumped on every change to this header's declarations; kf_api_version() returns the value the
  * library was built with, so an embedder can compare it with the header it compiled against. */
-#define KF_API_VERSION 1
+#define KF_API_VERSION 2
+
+#include <stdint.h>
 
 #if defined(__GNUC__) || defined(__clang__)
 #define KF_API __attribute__((visibility("default")))
@@ -30,6 +32,10 @@ typedef enum {
   KF_DTYPE_FLOAT16 = 2,
   KF_DTYPE_INT64 = 3
 } kf_dtype;
+
+/* A CUDA stream: the very type of cudaStream_t (struct CUstream_st*), declared here so that the
+ * header needs no CUDA include; pass a cudaStream_t, or NULL for the legacy default stream. */
+typedef struct CUstream_st* kf_stream;
 
 /* Short English name of a status, e.g. "invalid argument".
  *
@@ -57,6 +63,78 @@ KF_API int kf_api_version(void);
  * Returns KF_OK; KF_ERR_INVALID_ARGUMENT when count is NULL; KF_ERR_CUDA when the runtime fails,
  * for example error 35 (cudaErrorInsufficientDriver) on a machine without a CUDA driver. */
 KF_API kf_status kf_device_count(int* count);
+
+/* ----------------------------------------------------------------------------------------------
+ * codebook_argmin: multi-sub-codebook nearest neighbour (kelix-ar.md section 3.5, fusion target 1)
+ *
+ *   u[r]      = LayerNorm_g(z[r, g*d:(g+1)*d]) with ln_weight[g], ln_bias[g], eps
+ *   ids[r, g] = vocab_offset + g*K + argmin_k dist(u[r], codebooks[g, k])     (first k on ties)
+ *
+ * KF_ARGMIN_EXACT: dist = |c|^2 - 2 u.c in float32 (u in float32).
+ * KF_ARGMIN_REFERENCE: the official torch.cdist(u, C)**2 arithmetic in the dtype T of z:
+ *   u rounded to T; |u|^2, |c|^2 = T(sum_f32(T(x*x))); s = T(sum_f32(-2u*c) + |u|^2 + |c|^2);
+ *   dist = T(T(sqrt(max(s, T(1e-30))))^2). For float32 this is the float32 formula. */
+typedef enum { KF_ARGMIN_REFERENCE = 0, KF_ARGMIN_EXACT = 1 } kf_argmin_mode;
+
+typedef struct {
+  const void* z;                 /* [n_rows, n_groups*dim], dtype; row stride z_row_stride */
+  const float* ln_weight;        /* [n_groups, dim] contiguous */
+  const float* ln_bias;          /* [n_groups, dim] contiguous */
+  const void* codebooks;         /* [n_groups, n_codes, dim] contiguous, dtype */
+  const float* codebook_sqnorms; /* [n_groups, n_codes] contiguous |c|^2, or NULL (see below) */
+  int64_t* ids;                  /* [n_rows, n_groups] contiguous, out */
+  int64_t n_rows;
+  int64_t z_row_stride; /* elements between rows of z, >= 0 (0 broadcasts one row) */
+  int32_t n_groups;     /* G, <= 65535 */
+  int32_t n_codes;      /* K, >= 1 */
+  int32_t dim;          /* d: a multiple of 16, <= 256 */
+  int64_t vocab_offset;
+  kf_dtype dtype; /* of z and codebooks: KF_DTYPE_BFLOAT16, KF_DTYPE_FLOAT16 or KF_DTYPE_FLOAT32 */
+  kf_argmin_mode mode;
+  float eps; /* LayerNorm epsilon */
+} kf_codebook_argmin_params;
+
+/* Fills params->ids; one launch for all groups, no [n, K] matrix in memory, no workspace.
+ *
+ * codebook_sqnorms is read only in KF_ARGMIN_EXACT mode; NULL there means "compute |c|^2 in the
+ * kernel" (float32, per tile). REFERENCE mode always computes the rounded T(sum T(c*c)) itself.
+ * Returns KF_ERR_INVALID_ARGUMENT for a NULL params, negative n_rows or z_row_stride, n_groups,
+ * n_codes or dim < 1, a NULL or misaligned pointer (checked only when n_rows > 0);
+ * KF_ERR_UNSUPPORTED for dim not a multiple of 16 or > 256, n_groups > 65535, another dtype or
+ * mode value; KF_ERR_CUDA when the launch fails. Sizes are checked before pointers, and nothing
+ * touches CUDA before every check has passed. n_rows == 0 returns KF_OK and launches nothing.
+ * Asynchronous on stream. */
+KF_API kf_status kf_codebook_argmin(const kf_codebook_argmin_params* params, kf_stream stream);
+
+/* ----------------------------------------------------------------------------------------------
+ * block_embed: the Block Encoder's group embedding (kelix-ar.md section 4.4, fusion target 2)
+ *
+ * For each group r with slots s = ids[r, 0 .. n_slots-1] (the last slot never counts):
+ *   rows_j = s[j] if s[0] >= text_vocab (visual group) else s[0] (text group: k * E[s[0]])
+ *   out[r] = sum over j < (first j with s[j] == q_eos, or n_slots-1) of table[rows_j]
+ * summed in float32 in slot order, rounded once to the table's dtype. */
+typedef struct {
+  const int64_t* ids; /* [n_rows, n_slots] contiguous (n_rows = B*L, n_slots = G+1) */
+  const void* table;  /* [n_table_rows, dim], dtype; row stride table_row_stride */
+  void* out;          /* [n_rows, dim] contiguous, dtype of table, out */
+  int64_t n_rows;
+  int32_t n_slots; /* >= 2 */
+  int64_t n_table_rows;
+  int64_t dim;
+  int64_t table_row_stride; /* elements between rows of table, >= dim */
+  int64_t q_eos;
+  int64_t text_vocab;
+  kf_dtype dtype; /* of table and out: KF_DTYPE_BFLOAT16, KF_DTYPE_FLOAT16 or KF_DTYPE_FLOAT32 */
+} kf_block_embed_params;
+
+/* Fills params->out. Ids outside [0, n_table_rows) are the caller's to reject; the kernel clamps
+ * them into range so that it never reads outside the table (the result is then meaningless).
+ * Uses 16-byte loads and stores when table, out, dim and the row stride allow it, else element
+ * loads (same result, slower). Returns KF_ERR_INVALID_ARGUMENT for NULL pointers (when there is
+ * work), negative sizes, n_slots < 2, n_table_rows < 1 or table_row_stride < dim;
+ * KF_ERR_UNSUPPORTED for another dtype; KF_ERR_CUDA when the launch fails. Empty work returns
+ * KF_OK. Asynchronous on stream. */
+KF_API kf_status kf_block_embed(const kf_block_embed_params* params, kf_stream stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -1,0 +1,54 @@
+"""The benchmark cases: one module per op, each declaring a :class:`Case`.
+
+A case owns everything op-specific: the full Kelix shapes (and tiny ``--quick`` ones), the FLOP and byte
+formulas, the seeded input makers (importable by the tests), the op call for one backend, the check
+against the reference, and the official-style eager baseline. The harness (``benchmarks/run.py``) owns
+timing, rotation, the roofline and the JSON record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Point = dict[str, Any]  # one benchmarked configuration: shape, dtype, mode, constants (JSON-ready)
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op under benchmark.
+
+    ``make_shared(point, device)`` builds the large tensors every rotating set reads (the 1.78 GB
+    embedding table, the raw SimVQ tables); it depends only on the fields in ``shared_key``.
+    ``make_inputs(point, shared, seed)`` builds one rotating input set (fresh memory per call).
+    ``run(point, inputs, backend)`` calls the op; ``baseline(point, inputs, shared)`` is the
+    official-style eager path, which depends only on the fields in ``baseline_key``.
+    ``check(point, got, want)`` returns ``None`` when ``got`` matches the reference output ``want``,
+    else the reason. ``probe(inputs)`` are the tensors ``resolve_backend`` decides on.
+    ``roof`` names the binding roofline: ``"compute"`` or ``"bandwidth"``.
+    """
+
+    name: str
+    roof: str
+    points: Callable[[bool], list[Point]]
+    flops: Callable[[Point], int]
+    bytes: Callable[[Point], int]
+    shared_key: tuple[str, ...]
+    baseline_key: tuple[str, ...]
+    make_shared: Callable[[Point, torch.device], Tensors]
+    make_inputs: Callable[[Point, Tensors, int], Tensors]
+    run: Callable[[Point, Tensors, str], torch.Tensor]
+    baseline: Callable[[Point, Tensors, Tensors], torch.Tensor]
+    check: Callable[[Point, torch.Tensor, torch.Tensor], str | None]
+    probe: Callable[[Tensors], tuple[torch.Tensor, ...]]
+
+
+def all_cases() -> dict[str, Case]:
+    """Every case by name, in run order."""
+    from benchmarks.cases import block_embed, codebook_argmin
+
+    return {case.name: case for case in (codebook_argmin.CASE, block_embed.CASE)}

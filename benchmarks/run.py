@@ -1,0 +1,245 @@
+"""The harness: ``python -m benchmarks run --suite kernels [--json PATH] [--backends ...] [--cases ...]``.
+
+For every case, point and backend it verifies the backend's output against the reference
+(``backend="torch"``) before timing, records a backend that cannot run as ``"unavailable"`` with the
+reason (never a substitute), times the official-style baseline in the same run, and relates everything
+to the roofline measured in the same run. ``--cpu --quick`` is the harness's CPU smoke mode: it times
+the CPU path and is marked ``"device": "cpu"``; GPU numbers only ever come from a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import environment, roofline, timing
+from benchmarks.cases import Case, Point, Tensors, all_cases
+from kelix_fast import ops
+
+SCHEMA_VERSION = 1
+RESULTS_DIR = environment.REPO / "benchmarks" / "results"
+BACKENDS = ("torch", "triton", "cuda")
+SUITES = ("kernels",)
+NO_CUDA = (
+    "the kernels suite measures GPU kernels and needs a CUDA device, and torch sees none here; "
+    "`--cpu --quick` runs the CPU smoke mode of the harness (never GPU numbers)"
+)
+
+
+class Refused(Exception):
+    """The run cannot be made as asked; the message says why."""
+
+
+def _csv(allowed: tuple[str, ...] | list[str], what: str):
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{what} must be among {list(allowed)}, got {text!r}")
+        return names
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a benchmark suite")
+    run.add_argument("--suite", choices=SUITES, default="kernels")
+    run.add_argument("--json", type=Path, help="write the run's JSON record here")
+    run.add_argument("--backends", type=_csv(BACKENDS, "--backends"), default=list(BACKENDS))
+    names = list(all_cases())
+    run.add_argument("--cases", type=_csv(names, "--cases"), default=names)
+    run.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions")
+    run.add_argument(
+        "--cpu", action="store_true", help="CPU smoke mode of the harness (needs --quick)"
+    )
+    return parser.parse_args(argv)
+
+
+def pick_device(args: argparse.Namespace) -> torch.device:
+    """The CUDA device, or the CPU in smoke mode; refuse anything that could pass CPU time as GPU time."""
+    if args.cpu:
+        if not args.quick:
+            raise Refused("--cpu runs the --quick shapes only (full Kelix shapes are GPU work)")
+        if args.json is not None and args.json.resolve().is_relative_to(RESULTS_DIR):
+            raise Refused(
+                f"{RESULTS_DIR} holds GPU results only; write the CPU smoke run elsewhere"
+            )
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise Refused(NO_CUDA)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _auto_choice(case: Case, inputs: Tensors) -> str:
+    try:
+        return ops.resolve_backend(case.name, "auto", *case.probe(inputs))
+    except ops.BackendUnavailableError as err:
+        return f"unavailable: {err}"
+
+
+class _Runner:
+    """Runs every point of a suite on one device, keeping one shared-tensor set alive at a time."""
+
+    def __init__(self, device: torch.device, budget: timing.Budget, roof: dict[str, Any]):
+        self.device = device
+        self.budget = budget
+        self.roof = roof
+        self.on_gpu = device.type == "cuda"
+        self.timer = timing.time_cuda if self.on_gpu else timing.time_cpu
+        self.l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if self.on_gpu else 0
+        self._shared: tuple[tuple, Tensors] | None = None
+        self._baselines: dict[tuple, dict[str, Any]] = {}
+
+    def shared(self, case: Case, point: Point) -> Tensors:
+        key = (case.name, *(point[k] for k in case.shared_key))
+        if self._shared is None or self._shared[0] != key:
+            self._shared = None  # free the previous tables before building the next ones
+            self._shared = (key, case.make_shared(point, self.device))
+        return self._shared[1]
+
+    def baseline(self, case: Case, point: Point, sets: list[Tensors], shared: Tensors, want):
+        key = (case.name, *(point[k] for k in case.baseline_key))
+        if key not in self._baselines:
+            mismatch = case.check(point, case.baseline(point, sets[0], shared), want)
+            times = self.timer(lambda s: case.baseline(point, s, shared), sets, self.budget)
+            stats = timing.summarize(times)
+            self._baselines[key] = {
+                "name": "official_eager",
+                "matches_reference": mismatch is None,
+                "mismatch": mismatch,
+                **stats,
+            }
+        return self._baselines[key]
+
+    def point(self, case: Case, point: Point, backends: list[str]) -> list[dict[str, Any]]:
+        shared = self.shared(case, point)
+        call_bytes, call_flops = case.bytes(point), case.flops(point)
+        count = timing.rotating_sets(call_bytes, self.l2_bytes) if self.on_gpu else 1
+        sets = [case.make_inputs(point, shared, 1 + i) for i in range(count)]
+        want = case.run(point, sets[0], "torch")
+        base = self.baseline(case, point, sets, shared, want)
+        roof_name = case.roof
+        roof_value = (
+            self.roof["matmul_tflops"][point["dtype"]]
+            if roof_name == "compute"
+            else self.roof["copy_gbps"]
+        )
+        common = {
+            "case": case.name,
+            "shape": point,
+            "auto_choice": _auto_choice(case, sets[0]),
+            "flop": call_flops,
+            "bytes": call_bytes,
+            "l2": "cold" if self.on_gpu else "n/a (cpu)",
+            "rotating_sets": count,
+            "cuda_graph": False,
+            "roofline": roof_name,
+            "roofline_value": roof_value,
+            "baseline": base,
+        }
+        return [self._backend(case, point, backend, sets, want, common) for backend in backends]
+
+    def _backend(self, case, point, backend, sets, want, common) -> dict[str, Any]:
+        record: dict[str, Any] = {**common, "backend": backend, "verified": False}
+        if backend == "triton" and self.device.type != "cuda":
+            # Triton on CPU is its interpreter: a correctness tool at milliseconds per program, whose
+            # timings would mean nothing.
+            reason = f"triton on {self.device.type} runs only in its interpreter (not timed)"
+            return record | {"status": "unavailable", "reason": reason}
+        try:
+            got = case.run(point, sets[0], backend)
+        except ops.BackendUnavailableError as err:
+            return record | {"status": "unavailable", "reason": str(err)}
+        mismatch = case.check(point, got, want)
+        if mismatch is not None:
+            return record | {"status": "mismatch", "reason": mismatch}
+        stats = timing.summarize(
+            self.timer(lambda s: case.run(point, s, backend), sets, self.budget)
+        )
+        seconds = stats["median_ms"] * 1e-3
+        tflops = common["flop"] / seconds / 1e12
+        gbps = common["bytes"] / seconds / 1e9
+        achieved = tflops if common["roofline"] == "compute" else gbps
+        return record | {
+            "status": "ok",
+            "reason": None,
+            "verified": True,
+            **stats,
+            "tflops": tflops,
+            "gbps": gbps,
+            "roofline_fraction": achieved / common["roofline_value"],
+            "speedup": common["baseline"]["median_ms"] / stats["median_ms"],
+        }
+
+
+def run_suite(
+    case_names: list[str], backends: list[str], device: torch.device, *, quick: bool
+) -> dict[str, Any]:
+    """Measure the roofline, then every point of every case on every backend; return the JSON record."""
+    budget = timing.QUICK if quick else timing.FULL
+    cases = all_cases()
+    report = {
+        "schema": SCHEMA_VERSION,
+        "suite": "kernels",
+        "quick": quick,
+        "argv": sys.argv,
+        **environment.describe(device),
+    }
+    with torch.inference_mode():
+        report["roofline"] = roofline.measure(device, budget)
+        runner = _Runner(device, budget, report["roofline"])
+        report["l2_bytes"] = runner.l2_bytes
+        results = []
+        for name in case_names:
+            for point in cases[name].points(quick):
+                results += runner.point(cases[name], point, backends)
+                print(_line(results[-len(backends) :]), flush=True)
+    report["results"] = results
+    return report
+
+
+def _line(records: list[dict[str, Any]]) -> str:
+    head = records[0]
+    shape = ",".join(f"{k}={v}" for k, v in head["shape"].items())
+    cells = [f"{head['case']} [{shape}] baseline {head['baseline']['median_ms']:.3f} ms"]
+    for r in records:
+        if r["status"] == "ok":
+            cells.append(
+                f"  {r['backend']:6} {r['median_ms']:9.3f} ms  {r['tflops']:8.2f} TFLOP/s "
+                f"{r['gbps']:8.1f} GB/s  {100 * r['roofline_fraction']:5.1f}% of {r['roofline']}"
+                f"  x{r['speedup']:.1f}"
+            )
+        else:
+            cells.append(f"  {r['backend']:6} {r['status']}: {r['reason']}")
+    return "\n".join(cells)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """Write atomically (a ``.tmp`` beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = pick_device(args)
+    except Refused as err:
+        print(f"benchmarks: refused: {err}", file=sys.stderr)
+        return 2
+    report = run_suite(args.cases, args.backends, device, quick=args.quick)
+    if args.json is not None:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    mismatched = [r for r in report["results"] if r["status"] == "mismatch"]
+    return 1 if mismatched else 0

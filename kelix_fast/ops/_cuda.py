@@ -1,0 +1,186 @@
+"""The ``"cuda"`` backend of the ops: adapters from the ops' reference signatures to ``kelix_fast._C``.
+
+``kelix_fast._C`` binds the torch-free C API (``csrc/include/kelix_fast/kernels.h``) with device addresses,
+sizes, strides and the stream as integers; these adapters turn tensors into those arguments. The module is
+loaded lazily, on the first probe, so importing the ops never fails for want of a native build.
+
+The adapters take exactly the arguments of the ops' ``_reference`` functions and fill the output tensor
+in place; the ops have already validated shapes, dtypes, devices and id ranges. They launch on the current
+stream of the inputs' device and never synchronize.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_CODE_DIM = 256  # kf_codebook_argmin: d % 16 == 0 and d <= 256
+
+_extension: ModuleType | None = None
+_extension_reason: str | None = None
+_probed = False
+
+
+def _load() -> None:
+    global _extension, _extension_reason, _probed
+    if _probed:
+        return
+    _probed = True
+    try:
+        _extension = importlib.import_module("kelix_fast._C")
+    except ModuleNotFoundError as error:
+        if error.name == "kelix_fast._C":
+            _extension_reason = "kelix_fast._C not built (nvcc was absent at install)"
+        else:
+            _extension_reason = f"kelix_fast._C failed to import ({error})"
+    except ImportError as error:  # e.g. libcudart or libkelix_fast_kernels.so not found
+        _extension_reason = f"kelix_fast._C failed to import ({error})"
+
+
+def extension_unavailable_reason() -> str | None:
+    """None when ``kelix_fast._C`` imports, else why it does not (probed once per process)."""
+    _load()
+    return _extension_reason
+
+
+def _C() -> ModuleType:
+    _load()
+    if _extension is None:
+        raise RuntimeError(f"backend 'cuda' unavailable: {_extension_reason}")
+    return _extension
+
+
+def can_run_cuda(*tensors: torch.Tensor) -> str | None:
+    """None when the CUDA kernels can take these tensors; else the reason.
+
+    Reasons: the extension is missing, a tensor is not on a CUDA device, or a floating-point tensor has a
+    dtype the kernels do not implement (they take float32, bfloat16 and float16).
+    """
+    reason = extension_unavailable_reason()
+    if reason is not None:
+        return reason
+    for t in tensors:
+        if t.device.type != "cuda":
+            return f"tensors must be on a CUDA device, got {t.device}"
+        if t.is_floating_point() and t.dtype not in _KERNEL_DTYPES:
+            return f"the CUDA kernels take float32, bfloat16 or float16, got {t.dtype}"
+    return None
+
+
+def can_run_codebook_argmin(z: torch.Tensor, codebooks: torch.Tensor) -> str | None:
+    """:func:`can_run_cuda` plus the code dim the kernel supports (``d % 16 == 0``, ``d <= 256``)."""
+    reason = can_run_cuda(z, codebooks)
+    if reason is not None:
+        return reason
+    dim = codebooks.shape[-1]
+    if dim % 16 != 0 or dim > _MAX_CODE_DIM:
+        return f"the CUDA kernel needs a code dim d % 16 == 0 and d <= {_MAX_CODE_DIM}, got d={dim}"
+    return None
+
+
+def can_run_block_embed(ids: torch.Tensor, table: torch.Tensor) -> str | None:
+    """:func:`can_run_cuda` (the kernel has no shape limits beyond int32 group counts)."""
+    return can_run_cuda(ids, table)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    C = _C()
+    codes = {
+        torch.float32: C.DTYPE_FLOAT32,
+        torch.bfloat16: C.DTYPE_BFLOAT16,
+        torch.float16: C.DTYPE_FLOAT16,
+    }
+    return codes[dtype]
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def codebook_argmin(
+    z, ln_weight, ln_bias, codebooks, codebook_sqnorms, ids, vocab_offset, mode, eps
+) -> None:
+    """``kf_codebook_argmin`` on the tensors of :func:`kelix_fast.ops.codebook_argmin`; fills ``ids``.
+
+    Copies made here (none in the usual case):
+    - ``ln_weight``/``ln_bias`` are cast to contiguous float32 when they are not (G*d values; exact,
+      since bf16/fp16 widen losslessly).
+    - z and codebooks in different dtypes (only possible in ``"exact"`` mode) are both widened to float32,
+      which is exact; the kernel takes one dtype for both. A non-contiguous ``codebooks`` is made contiguous.
+    - ``ids`` not contiguous: the kernel writes a temporary that is copied into it.
+    ``codebook_sqnorms=None`` allocates nothing: the kernel then computes ``|c|^2`` in float32 per tile.
+    The reference mode always computes its own bf16/fp16-rounded ``|c|^2`` and ignores ``codebook_sqnorms``.
+    """
+    C = _C()
+    num_groups, num_codes, dim = codebooks.shape
+    if z.dtype != codebooks.dtype:
+        z, codebooks = z.float(), codebooks.float()
+    codebooks = codebooks.contiguous()
+    ln_weight = ln_weight.to(torch.float32).contiguous()
+    ln_bias = ln_bias.to(torch.float32).contiguous()
+    if codebook_sqnorms is not None:
+        codebook_sqnorms = codebook_sqnorms.to(torch.float32).contiguous()
+    out = (
+        ids if ids.is_contiguous() else torch.empty_like(ids, memory_format=torch.contiguous_format)
+    )
+    modes = {"reference": C.ARGMIN_REFERENCE, "exact": C.ARGMIN_EXACT}
+    # The kernel launches on the current device; make it the inputs' device.
+    with torch.cuda.device(z.device):
+        C.codebook_argmin(
+            z.data_ptr(),
+            ln_weight.data_ptr(),
+            ln_bias.data_ptr(),
+            codebooks.data_ptr(),
+            0 if codebook_sqnorms is None else codebook_sqnorms.data_ptr(),
+            out.data_ptr(),
+            z.shape[0],
+            z.stride(0),
+            num_groups,
+            num_codes,
+            dim,
+            vocab_offset,
+            _dtype_code(z.dtype),
+            modes[mode],
+            eps,
+            _stream(z.device),
+        )
+    if out is not ids:
+        ids.copy_(out)
+
+
+def block_embed(ids, table, out, q_eos, text_vocab) -> None:
+    """``kf_block_embed`` on the tensors of :func:`kelix_fast.ops.block_embed`; fills ``out``.
+
+    Copies made here: ``ids`` when not contiguous (B*L*(G+1) int64); ``table`` only when its last dim is
+    not contiguous (a full copy of the table: avoid); ``out`` when not contiguous (a temporary copied back).
+    """
+    C = _C()
+    ids = ids.contiguous()
+    if table.dim() == 2 and table.shape[1] > 1 and table.stride(1) != 1:
+        table = table.contiguous()
+    target = (
+        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    )
+    batch, length, slots = ids.shape
+    with torch.cuda.device(table.device):
+        C.block_embed(
+            ids.data_ptr(),
+            table.data_ptr(),
+            target.data_ptr(),
+            batch * length,
+            slots,
+            table.shape[0],
+            table.shape[1],
+            table.stride(0)
+            if table.shape[0] > 1
+            else table.shape[1],  # any stride is legal for 1 row
+            q_eos,
+            text_vocab,
+            _dtype_code(table.dtype),
+            _stream(table.device),
+        )
+    if target is not out:
+        out.copy_(target)

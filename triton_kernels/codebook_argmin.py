@@ -1,0 +1,227 @@
+"""Fused per-group LayerNorm + nearest-code search of Kelix-Tok (kelix-ar.md §3.5).
+
+One program takes BLOCK_N query rows of one group, normalizes them in registers, and streams that group's
+codebook through ``tl.dot`` in BLOCK_K-code tiles, keeping a running (min, index) per row: the [n, K]
+distance matrix never exists in memory.
+
+``mode="exact"``: ``|c|^2 - 2 u.c`` in float32 (``ieee`` dot, no TF32) with the precomputed float32 norms,
+the formula of the op's reference. ``mode="reference"``: the official bf16 ``cdist`` arithmetic, each
+rounding step emulated with a cast to the input dtype (LayerNorm output, squares and norms, the augmented
+GEMM output, clamp, sqrt, square). Bit parity with a GEMM library is not guaranteed for near-ties in
+bf16/fp16: the float32 accumulation order of the GEMM differs, and a one-ulp difference before the bf16
+rounding can flip a near-tie. Float32 inputs, and bf16 inputs whose nearest code wins by a margin, agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rounding import interpreted, round_to
+
+# (BLOCK_N rows, BLOCK_K codes, num_warps), keyed by the dtype the tile GEMM runs in. BLOCK_D is the
+# group dim rounded up to a power of two, at least 16 (the minimum K-dim of tl.dot).
+_BLOCKS = {
+    torch.float32: (32, 64, 4),
+    torch.bfloat16: (64, 128, 4),
+    torch.float16: (64, 128, 4),
+}
+_MIN_DOT_DIM = 16
+
+
+@triton.jit
+def _tile_dot(query, codes_t, UPCAST_DOT: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] x [BLOCK_D, BLOCK_K] -> float32, with one reduction order for every code.
+
+    UPCAST_DOT (the interpreter) multiplies in float32 and sums over BLOCK_D instead of calling tl.dot:
+    the interpreter's bf16 dot is garbage (TOOLCHAIN.md trap 2) and its float32 dot is a BLAS GEMM that
+    rounds tail columns differently, which would split exact ties between identical codes. Products of
+    bf16 values are exact in float32, so the upcast changes no result.
+    """
+    if UPCAST_DOT:
+        return tl.sum(query.to(tl.float32)[:, :, None] * codes_t.to(tl.float32)[None, :, :], axis=1)
+    else:
+        return tl.dot(query, codes_t, input_precision="ieee")
+
+
+@triton.jit
+def _codebook_argmin_kernel(
+    z_ptr,  # [n_rows, G*DIM], row stride stride_z_row, last dim contiguous
+    ln_w_ptr,  # [G, DIM]
+    ln_b_ptr,  # [G, DIM]
+    cb_ptr,  # [G, num_codes, DIM]
+    sqnorms_ptr,  # [G, num_codes] float32 (EXACT only)
+    ids_ptr,  # [n_rows, G] int64, output
+    n_rows,
+    num_codes,
+    vocab_offset,
+    eps,
+    stride_z_row,
+    stride_ln_w_group,
+    stride_ln_w_dim,
+    stride_ln_b_group,
+    stride_ln_b_dim,
+    stride_cb_group,
+    stride_cb_code,
+    stride_cb_dim,
+    stride_sqnorms_group,
+    stride_sqnorms_code,
+    stride_ids_row,
+    stride_ids_group,
+    DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EXACT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+):
+    row_block = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1).to(tl.int64)
+    in_dtype = z_ptr.dtype.element_ty
+
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < DIM
+    q_mask = row_mask[:, None] & dim_mask[None, :]
+
+    # Per-group LayerNorm in float32; padded lanes are zeroed so they drop out of the moments and the dot.
+    z = tl.load(
+        z_ptr + rows[:, None] * stride_z_row + group * DIM + dims[None, :], mask=q_mask, other=0.0
+    ).to(tl.float32)
+    mean = tl.sum(z, axis=1) / DIM
+    centered = tl.where(q_mask, z - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(centered * centered, axis=1) / DIM + eps)
+    ln_w = tl.load(
+        ln_w_ptr + group * stride_ln_w_group + dims * stride_ln_w_dim, mask=dim_mask, other=0.0
+    ).to(tl.float32)
+    ln_b = tl.load(
+        ln_b_ptr + group * stride_ln_b_group + dims * stride_ln_b_dim, mask=dim_mask, other=0.0
+    ).to(tl.float32)
+    u = centered * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+    u = tl.where(q_mask, u, 0.0)
+
+    if EXACT:
+        query = u
+    else:
+        # F.layer_norm rounds its output to the input dtype; |u|^2 is a sum of rounded squares, rounded.
+        u = round_to(u, in_dtype, BF16_BY_BITS)
+        u_sqnorm = tl.sum(round_to(u * u, in_dtype, BF16_BY_BITS), axis=1)
+        u_sqnorm = round_to(u_sqnorm, in_dtype, BF16_BY_BITS)
+        query = u * -2.0  # exact in any float dtype: the first block of the augmented GEMM operand
+        query = query.to(in_dtype)  # exact; bf16 operands keep the GEMM on tensor cores
+
+    best_dist = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    best_code = tl.zeros((BLOCK_N,), tl.int32)
+    cb_group = cb_ptr + group * stride_cb_group
+    for k0 in range(0, num_codes, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_mask = codes < num_codes
+        # The tile is loaded transposed ([BLOCK_D, BLOCK_K]) so that it is the right operand of the dot.
+        codes_t = tl.load(
+            cb_group + dims[:, None] * stride_cb_dim + codes[None, :].to(tl.int64) * stride_cb_code,
+            mask=dim_mask[:, None] & code_mask[None, :],
+            other=0.0,
+        )
+        if EXACT:
+            dot = _tile_dot(query, codes_t.to(tl.float32), UPCAST_DOT)
+            sqnorms = tl.load(
+                sqnorms_ptr + group * stride_sqnorms_group + codes * stride_sqnorms_code,
+                mask=code_mask,
+                other=0.0,
+            )
+            dist = sqnorms[None, :] - 2.0 * dot
+        else:
+            codes_f32 = codes_t.to(tl.float32)
+            c_sqnorm = tl.sum(round_to(codes_f32 * codes_f32, in_dtype, BF16_BY_BITS), axis=0)
+            c_sqnorm = round_to(c_sqnorm, in_dtype, BF16_BY_BITS)
+            dot = _tile_dot(query, codes_t, UPCAST_DOT)
+            # [-2u, |u|^2, 1] . [c, 1, |c|^2] accumulated in float32, rounded once to the input dtype.
+            dist = round_to(dot + u_sqnorm[:, None] + c_sqnorm[None, :], in_dtype, BF16_BY_BITS)
+            dist = round_to(tl.maximum(dist, 1e-30), in_dtype, BF16_BY_BITS)
+            dist = round_to(tl.sqrt_rn(dist), in_dtype, BF16_BY_BITS)
+            dist = round_to(dist * dist, in_dtype, BF16_BY_BITS)
+        dist = tl.where(code_mask[None, :], dist, float("inf"))
+
+        # Ties: the lowest code inside the tile, and a later tile wins only if strictly smaller.
+        tile_dist = tl.min(dist, axis=1)
+        tile_code = tl.min(tl.where(dist == tile_dist[:, None], codes[None, :], num_codes), axis=1)
+        better = tile_dist < best_dist
+        best_code = tl.where(better, tile_code, best_code)
+        best_dist = tl.where(better, tile_dist, best_dist)
+
+    ids = vocab_offset + group * num_codes + best_code.to(tl.int64)
+    tl.store(ids_ptr + rows * stride_ids_row + group * stride_ids_group, ids, mask=row_mask)
+
+
+# The interpreter (TRITON_INTERPRET=1 when the kernel was decorated) needs the two workarounds below.
+_INTERPRETED = interpreted(_codebook_argmin_kernel)
+
+
+def codebook_argmin(
+    z: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    codebooks: torch.Tensor,
+    codebook_sqnorms: torch.Tensor | None,
+    ids: torch.Tensor,
+    *,
+    vocab_offset: int,
+    mode: str,
+    eps: float,
+) -> None:
+    """Fill ``ids [n, G]`` with ``vocab_offset + K*g + argmin_k dist(LN_g(z[:, g]), C_g[k])``.
+
+    z [n, G*d] (last dim contiguous), ln_weight/ln_bias [G, d], codebooks [G, K, d], codebook_sqnorms
+    [G, K] float32 (required for ``mode="exact"``, unused by ``"reference"``). Inputs are validated by
+    ``kelix_fast.ops.codebook_argmin``; this launcher only sizes the grid and picks the constexprs.
+    """
+    n_rows = z.shape[0]
+    num_groups, num_codes, dim = codebooks.shape
+    if n_rows == 0:
+        return
+    exact = mode == "exact"
+    assert mode in ("exact", "reference"), mode
+    assert z.stride(-1) == 1, "z must have a contiguous last dim"
+    assert not exact or codebook_sqnorms is not None, "mode='exact' needs codebook_sqnorms"
+    dot_dtype = torch.float32 if exact else z.dtype
+    block_n, block_k, num_warps = _BLOCKS[dot_dtype]
+    sqnorms = (
+        codebook_sqnorms if exact else codebooks
+    )  # a placeholder pointer the kernel never reads
+    grid = (triton.cdiv(n_rows, block_n), num_groups)
+    _codebook_argmin_kernel[grid](
+        z,
+        ln_weight,
+        ln_bias,
+        codebooks,
+        sqnorms,
+        ids,
+        n_rows,
+        num_codes,
+        vocab_offset,
+        eps,
+        z.stride(0),
+        ln_weight.stride(0),
+        ln_weight.stride(1),
+        ln_bias.stride(0),
+        ln_bias.stride(1),
+        codebooks.stride(0),
+        codebooks.stride(1),
+        codebooks.stride(2),
+        sqnorms.stride(0),
+        sqnorms.stride(1),
+        ids.stride(0),
+        ids.stride(1),
+        DIM=dim,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_D=max(_MIN_DOT_DIM, triton.next_power_of_2(dim)),
+        EXACT=exact,
+        # The interpreter needs another tile product (_tile_dot) and bf16 rounding (_rounding).
+        UPCAST_DOT=_INTERPRETED,
+        BF16_BY_BITS=_INTERPRETED,
+        num_warps=num_warps,
+    )
