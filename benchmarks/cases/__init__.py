@@ -49,6 +49,6 @@ class Case:
 
 def all_cases() -> dict[str, Case]:
     """Every case by name, in run order."""
-    from benchmarks.cases import block_embed, codebook_argmin
+    from benchmarks.cases import block_embed, codebook_argmin, head_select
 
-    return {case.name: case for case in (codebook_argmin.CASE, block_embed.CASE)}
+    return {case.name: case for case in (codebook_argmin.CASE, block_embed.CASE, head_select.CASE)}

@@ -19,9 +19,8 @@ from kelix_fast.processor import smart_resize
 __all__ = ["GridPositions", "dit_position_args"]
 
 _ROPE_BASE = 10000.0
-_POS_PATCH = (
-    28  # compute_pos_args: H_x = W_x = image_size // 28, the ViT's merged-patch size (§4.4)
-)
+# compute_pos_args: H_x = W_x = image_size // 28, the ViT's merged-patch size (§4.4).
+_POS_PATCH = 28
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ from kelix_fast.ops import attention as _attention
 from kelix_fast.ops import block_embed as _block_embed
 from kelix_fast.ops import codebook_argmin as _codebook_argmin
 from kelix_fast.ops import cross_attention as _cross_attention
+from kelix_fast.ops import head_select as _head_select
 from kelix_fast.ops import linear_attention as _linear_attention
 from kelix_fast.ops._dispatch import BACKENDS, BackendUnavailableError
 from kelix_fast.ops.attention import attention, cached_attention
 from kelix_fast.ops.block_embed import block_embed
 from kelix_fast.ops.codebook_argmin import codebook_argmin
 from kelix_fast.ops.cross_attention import cross_attention
+from kelix_fast.ops.head_select import head_select
 from kelix_fast.ops.linear_attention import linear_attention
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "cached_attention",
     "codebook_argmin",
     "cross_attention",
+    "head_select",
     "linear_attention",
     "resolve_backend",
 ]
@@ -36,6 +39,7 @@ _TABLES = {
     "block_embed": _block_embed._IMPLS,
     "codebook_argmin": _codebook_argmin._IMPLS,
     "cross_attention": _cross_attention._IMPLS,
+    "head_select": _head_select._IMPLS,
     "linear_attention": _linear_attention._IMPLS,
 }
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import run, timing
-from benchmarks.cases import block_embed, codebook_argmin
+from benchmarks.cases import all_cases, block_embed, codebook_argmin, head_select
 from kelix_fast.ops import BackendUnavailableError
 
 CPU = torch.device("cpu")
@@ -87,6 +87,22 @@ def test_block_embed_baseline_equals_the_reference():
     torch.testing.assert_close(block_embed.baseline(point, inputs, shared), want)
 
 
+def test_head_select_formulas_at_m_32():
+    point = full_point(head_select.CASE, M=32, mode="sample")
+    assert head_select.flops(point) == 2 * 32 * 217472 * 4096
+    # head 1.78 GB + y 256 KiB + norm weight 8 KiB + int64 ids and seeds
+    assert head_select.nbytes(point) == 1_781_530_624 + 262_144 + 8_192 + 256 + 256
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_head_select_baseline_and_reference_find_the_picked_ids(mode):
+    point = next(p for p in head_select.points(True) if p["mode"] == mode and p["M"] == 5)
+    shared = head_select.make_shared(point, CPU)
+    inputs = head_select.make_inputs(point, shared, seed=3)
+    assert torch.equal(head_select.run(point, inputs, "torch"), inputs["picks"])
+    assert torch.equal(head_select.baseline(point, inputs, shared), inputs["picks"])
+
+
 def test_cpu_smoke_run_writes_valid_json(tmp_path):
     path = tmp_path / "smoke.json"
     assert run.main(["run", "--suite", "kernels", "--cpu", "--quick", "--json", str(path)]) == 0
@@ -97,7 +113,7 @@ def test_cpu_smoke_run_writes_valid_json(tmp_path):
     assert set(report["versions"]) == {"torch", "triton", "cuda", "driver"}
     assert report["roofline"]["copy_gbps"] > 0
     assert set(report["roofline"]["matmul_tflops"]) == {"bfloat16", "float32"}
-    points = len(codebook_argmin.points(True)) + len(block_embed.points(True))
+    points = sum(len(case.points(True)) for case in all_cases().values())
     assert len(report["results"]) == 3 * points
     for record in report["results"]:
         assert record["status"] in ("ok", "unavailable")

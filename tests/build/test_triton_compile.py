@@ -26,7 +26,7 @@ import json, sys, time
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kelix_fast.triton_kernels import block_embed, codebook_argmin
+from kelix_fast.triton_kernels import block_embed, codebook_argmin, head_select
 
 def codebook_config(dtype, exact):
     block_n, block_k, num_warps = codebook_argmin._BLOCKS[
@@ -44,9 +44,30 @@ def block_embed_config(dtype):
     constexprs = {"NUM_SLOTS": 9, "BLOCK_ROWS": block_rows, "BLOCK_D": block_d, "BF16_BY_BITS": False}
     return f"block_embed-{dtype}", block_embed._block_embed_kernel, pointers, {}, constexprs, num_warps
 
+def head_select_norm_config(dtype):
+    pointers = {"y_ptr": dtype, "w_ptr": dtype, "normed_ptr": dtype}
+    constexprs = {"BLOCK_ROWS": 1, "BLOCK_D": head_select._NORM_BLOCK_D, "BF16_BY_BITS": False}
+    return f"head_select-norm-{dtype}", head_select._head_select_norm_kernel, pointers, {"eps": "fp32"}, constexprs, 4
+
+def head_select_scores_config(dtype, mode):
+    # greedy: running max; gumbel: full-row sampling; candidates: top_k=50 with ranges (structured).
+    keep = 50 if mode == "candidates" else 1
+    block_m, block_v, block_d, num_warps = head_select._BLOCKS["candidates" if keep > 1 else "max"]
+    pointers = {"normed_ptr": dtype, "head_ptr": dtype, "ranges_ptr": "int64", "row_keys_ptr": "int64",
+                "keys_ptr": "int64"}
+    constexprs = {"NUM_RANGES": 2 if mode == "candidates" else 0, "KEEP": keep, "KEEP_POW2": 64 if keep > 1 else 1,
+                  "GUMBEL": mode == "gumbel", "SCALE": mode != "greedy", "BLOCK_M": block_m,
+                  "BLOCK_V": block_v, "BLOCK_D": block_d, "UPCAST_DOT": False}
+    scalars = {"temperature_div": "fp32"}
+    return (f"head_select-{mode}-{dtype}", head_select._head_select_scores_kernel, pointers, scalars,
+            constexprs, num_warps)
+
 TRITON_TYPES = {"bfloat16": "*bf16", "float32": "*fp32", "int64": "*i64"}
 configs = [codebook_config(dtype, exact) for dtype in ("bfloat16", "float32") for exact in (False, True)]
 configs += [block_embed_config(dtype) for dtype in ("bfloat16", "float32")]
+configs += [head_select_norm_config(dtype) for dtype in ("bfloat16", "float32")]
+configs += [head_select_scores_config(dtype, mode) for dtype in ("bfloat16", "float32")
+            for mode in ("greedy", "gumbel", "candidates")]
 for name, kernel, pointers, scalars, constexprs, num_warps in configs:
     signature = {}
     for arg in kernel.arg_names:
@@ -77,6 +98,14 @@ CONFIGS = [
     "codebook_argmin-float32-exact",
     "block_embed-bfloat16",
     "block_embed-float32",
+    "head_select-norm-bfloat16",
+    "head_select-norm-float32",
+    "head_select-greedy-bfloat16",
+    "head_select-gumbel-bfloat16",
+    "head_select-candidates-bfloat16",
+    "head_select-greedy-float32",
+    "head_select-gumbel-float32",
+    "head_select-candidates-float32",
 ]
 
 
@@ -120,3 +149,11 @@ def test_codebook_argmin_numerics_on_hopper(compiled: dict[str, dict]) -> None:
     for name in CONFIGS:
         if name.startswith("codebook_argmin") and not name.endswith("bfloat16-reference"):
             assert not compiled[name]["tf32"], f"{name}: TF32 in the PTX"
+
+
+def test_head_select_numerics_on_hopper(compiled: dict[str, dict]) -> None:
+    # bf16 head tiles run on tensor cores; float32 stays IEEE so that greedy is the float32 argmax.
+    for mode in ("greedy", "gumbel", "candidates"):
+        fact = compiled[f"head_select-{mode}-bfloat16"]
+        assert fact["wgmma"] or fact["mma"], f"head_select-{mode}-bfloat16: no tensor-core MMA"
+        assert not compiled[f"head_select-{mode}-float32"]["tf32"]

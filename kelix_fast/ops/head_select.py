@@ -1,0 +1,231 @@
+"""``head_select``: final RMSNorm + output head + token selection of the Block Decoder (kelix-ar.md §4.6,
+§5.4-§5.6, §8 #3), without materialising the [M, V] logits in the fused backend.
+
+Backends: ``triton`` (``kelix_fast.triton_kernels.head_select``: vocabulary split across programs, per-split
+keys, a torch merge of the tiny candidate set) and the PyTorch reference ``torch``; ``"auto"`` prefers
+triton for CUDA tensors when it supports the request (see ``backend`` below).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kelix_fast.ops import _checks, _dispatch
+
+_OP = "head_select"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_VOCAB = 2**31 - 1  # the triton backend packs ids into 31 bits
+_TRITON_MAX_KEEP = 64  # triton_kernels.head_select.MAX_KEEP (not imported: triton may be absent)
+# Head rows per float32 GEMM in the reference: bounds the upcast copy of the head.
+_VOCAB_CHUNK = 8192
+
+
+def head_select(
+    y: torch.Tensor,
+    norm_weight: torch.Tensor,
+    head: torch.Tensor,
+    *,
+    eps: float,
+    temperature: float = 1.0,
+    top_k: int = 1,
+    top_p: float = 1.0,
+    seeds: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One id per row: ``select(filter(RMSNorm(y) @ head^T))``, greedy or sampled.
+
+    ``logits[m] = rms_norm(y[m]) @ head^T`` with ``rms_norm`` of models/layers.py (normalise in float32,
+    cast to y's dtype, times ``norm_weight`` in that dtype) and a float32 accumulation. The logits stay
+    float32: unlike the official bf16 ``F.linear``, they are not rounded to the model dtype, so ties
+    that only that rounding creates are not reproduced. Ids outside every ``allowed`` range score -inf.
+
+    ``top_k == 1``: greedy, ``argmax`` with the first index on ties; no randomness, ``seeds`` unused.
+    Otherwise one draw per row from ``softmax(filtered_logits(logits))`` with the filters of
+    runtime/sampling.py (divide by ``temperature + 1e-5`` when ``temperature > 0``; keep the top-k,
+    ties to the lower id; the stricter top-p rule). The reference draws with ``torch.multinomial`` and a
+    ``torch.Generator`` seeded by the row's seed; triton draws by Gumbel-max with a counter-based hash
+    of (seed, id). Both sample the same distribution, not the same draws; within one backend a row's
+    draw depends only on its seed and its logits.
+
+    Args:
+        y: [M, D] float32/bfloat16/float16, last dim contiguous, row stride free. Block Decoder outputs.
+        norm_weight: [D], dtype of ``y``. The final RMSNorm weight, epsilon ``eps``.
+        head: [V, D], dtype of ``y``, last dim contiguous. The output head (``model.model.output``).
+        temperature: finite, >= 0 (0: no scaling, and not greedy).
+        top_k: >= 0; 1 is greedy, 0 or >= V disables the top-k filter.
+        top_p: in (0, 1]; 1 disables the top-p filter.
+        seeds: [M] int64, same device; required when ``top_k != 1``.
+        allowed: [M, R, 2] int64 half-open id ranges ``[low, high)`` per row, same device, with
+            ``0 <= low <= high <= V`` and at least one id per row; None allows every id. For
+            ``scoring="structured"`` a visual slot passes R = 2: its sub-codebook slice and
+            ``[q_eos, q_eos + 1)``. Checking the ranges reads them on the host (one synchronisation).
+        backend: ``"auto" | "triton" | "torch"``. See :func:`kelix_fast.ops.resolve_backend`; ``"auto"``
+            picks triton for CUDA tensors when the request is supported (greedy; full-row sampling
+            with ``top_p == 1`` and no top-k filter; or at most 64 candidates: ``0 < top_k <= 64``, or
+            V <= 64), else torch. triton on CPU tensors runs only when asked for by name under
+            Triton's interpreter. ``resolve_backend`` decides on the tensors only (a greedy request).
+
+    Returns:
+        ids: [M] int64 vocabulary ids.
+
+    Raises:
+        ValueError / TypeError: bad shapes, dtypes, devices, ranges or sampling parameters.
+        BackendUnavailableError: the backend cannot run here or cannot honour the request.
+    """
+    _checks.tensor(_OP, "y", y)
+    _checks.shape(_OP, "y", y, (None, None), "M, D")
+    n_rows, dim = y.shape
+    _checks.dtype(_OP, "y", y, _FLOAT_DTYPES)
+    _checks.shape(_OP, "head", head, (None, dim), "V, D")
+    _checks.shape(_OP, "norm_weight", norm_weight, (dim,), "D")
+    _checks.same_dtype(_OP, y=y, norm_weight=norm_weight, head=head)
+    _checks.same_device(_OP, y=y, norm_weight=norm_weight, head=head)
+    vocab = head.shape[0]
+    if not 0 < vocab <= _MAX_VOCAB:
+        raise ValueError(f"{_OP}: head must have 1 to {_MAX_VOCAB} rows, got {vocab}")
+    for name, t in (("y", y), ("head", head)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(
+                f"{_OP}: {name} must have a contiguous last dim, got strides {tuple(t.stride())}"
+            )
+    _check_number("eps", eps, low=0.0)
+    _check_number("temperature", temperature, low=0.0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"{_OP}: top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 0:
+        raise ValueError(f"{_OP}: top_k must be >= 0 (0 disables it), got {top_k}")
+    _check_number("top_p", top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{_OP}: top_p must lie in (0, 1], got {top_p}")
+    if top_k != 1 and seeds is None:
+        raise ValueError(f"{_OP}: seeds must be given when sampling (top_k != 1), got None")
+    if seeds is not None:
+        _checks.shape(_OP, "seeds", seeds, (n_rows,), "M")
+        _checks.dtype(_OP, "seeds", seeds, (torch.int64,))
+        _checks.same_device(_OP, y=y, seeds=seeds)
+    if allowed is not None:
+        _check_allowed(allowed, y, vocab)
+
+    ids = torch.empty(n_rows, dtype=torch.int64, device=y.device)
+    impl = _dispatch.pick(_OP, _request_impls(vocab, top_k, top_p), backend, y, head)
+    impl.run(y, norm_weight, head, allowed, seeds, ids, eps, float(temperature), top_k, top_p)
+    return ids
+
+
+def _check_number(name: str, value: object, *, low: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_OP}: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise ValueError(f"{_OP}: {name} must be a finite number >= {low}, got {value}")
+
+
+def _check_allowed(allowed: torch.Tensor, y: torch.Tensor, vocab: int) -> None:
+    _checks.tensor(_OP, "allowed", allowed)
+    _checks.shape(_OP, "allowed", allowed, (y.shape[0], None, 2), "M, R, [low, high)")
+    _checks.dtype(_OP, "allowed", allowed, (torch.int64,))
+    _checks.same_device(_OP, y=y, allowed=allowed)
+    if allowed.shape[1] == 0:
+        raise ValueError(
+            f"{_OP}: allowed must have at least one range per row, got shape [*, 0, 2]"
+        )
+    if allowed.numel() == 0:
+        return
+    _checks.ids_in_range(_OP, "allowed", allowed, 0, vocab + 1)
+    low, high = allowed[..., 0], allowed[..., 1]
+    if bool((low > high).any()):
+        row, r = (int(i) for i in torch.nonzero(low > high)[0])
+        raise ValueError(
+            f"{_OP}: allowed ranges must have low <= high, got "
+            f"[{int(low[row, r])}, {int(high[row, r])}) at allowed[{row}, {r}]"
+        )
+    empty = (high - low).sum(-1) == 0
+    if bool(empty.any()):
+        row = int(torch.nonzero(empty)[0])
+        raise ValueError(f"{_OP}: allowed must leave at least one id per row, row {row} has none")
+
+
+def _rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """models/layers.py ``rms_norm`` (ops sit below models, so it is restated here)."""
+    yf = y.float()
+    return (yf * torch.rsqrt(yf.square().mean(-1, keepdim=True) + eps)).to(y.dtype) * weight
+
+
+def _filtered(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """runtime/sampling.py ``filtered_logits`` on float32 [M, V] (the tests hold the two equal)."""
+    x = logits / (temperature + 1e-5) if temperature > 0 else logits
+    order = None
+    if 0 < top_k < x.shape[-1]:
+        order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+        drop = torch.ones_like(x, dtype=torch.bool).scatter(-1, order[:, :top_k], False)
+        x = x.masked_fill(drop, -math.inf)
+    if top_p < 1.0:
+        if order is None:
+            order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+        drop_sorted = torch.softmax(x.gather(-1, order), dim=-1).cumsum(-1) > top_p
+        drop_sorted[:, 0] = False  # the most likely token always survives
+        x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -math.inf)
+    return x
+
+
+def _reference(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, top_p) -> None:
+    normed = _rms_norm(y, norm_weight, eps).float()
+    logits = torch.cat([F.linear(normed, chunk.float()) for chunk in head.split(_VOCAB_CHUNK)], -1)
+    if allowed is not None:
+        vocab_ids = torch.arange(head.shape[0], device=y.device)
+        inside = (vocab_ids >= allowed[..., :1]) & (vocab_ids < allowed[..., 1:])  # [M, R, V]
+        logits = logits.masked_fill(~inside.any(1), -math.inf)
+    if top_k == 1:
+        ids.copy_(logits.argmax(-1))  # the first index among equal maxima
+        return
+    probs = torch.softmax(_filtered(logits, temperature, top_k, top_p), dim=-1)
+    for m, seed in enumerate(seeds.tolist()):
+        generator = torch.Generator(device=y.device).manual_seed(seed)
+        ids[m] = torch.multinomial(probs[m], 1, generator=generator)[0]
+
+
+def _triton(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, top_p) -> None:
+    from kelix_fast.triton_kernels import head_select as kernels
+
+    kernels.head_select(
+        y,
+        norm_weight,
+        head,
+        allowed,
+        seeds,
+        ids,
+        eps=eps,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
+
+
+def _triton_request(vocab: int, top_k: int, top_p: float) -> str | None:
+    """Why the triton kernels cannot honour this request, or None (they keep <= 64 candidates)."""
+    keep = top_k if 0 < top_k < vocab else vocab
+    if top_k == 1 or (keep == vocab and top_p == 1.0) or keep <= _TRITON_MAX_KEEP:
+        return None
+    return (
+        f"it keeps at most {_TRITON_MAX_KEEP} candidates per row, so a top-k filter or top_p < 1 "
+        f"needs 0 < top_k <= {_TRITON_MAX_KEEP} (or V <= {_TRITON_MAX_KEEP}), got top_k={top_k}, top_p={top_p}, V={vocab}"
+    )
+
+
+def _request_impls(vocab: int, top_k: int, top_p: float) -> dict[str, _dispatch.Impl]:
+    reason = _triton_request(vocab, top_k, top_p)
+    if reason is None:
+        return _IMPLS
+    refuse = _dispatch.Impl(_triton, can_run=lambda *_: reason)
+    return {name: refuse if name == "triton" else impl for name, impl in _IMPLS.items()}
+
+
+_IMPLS = {
+    "triton": _dispatch.Impl(
+        _triton, can_run=_dispatch.needs_triton, auto_can_run=_dispatch.on_cuda
+    ),
+    "torch": _dispatch.Impl(_reference, can_run=_dispatch.always),
+}
