@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import Case, Point, Tensors
+from benchmarks.cases import Case, Point, Tensors, ids_equal
 from kelix_fast import ops
 
 TEXT_VOCAB = 151936  # vocab_offset: id of code 0 of sub-codebook 0 (kelix-ar.md §2.1)
@@ -156,14 +156,6 @@ def baseline(point: Point, inputs: Tensors, shared: Tensors) -> torch.Tensor:
     return torch.stack(ids, dim=1)
 
 
-def check(point: Point, got: torch.Tensor, want: torch.Tensor) -> str | None:
-    """Ids must be equal, every one (the inputs have wide margins; see the module docstring)."""
-    if got.shape != want.shape or got.dtype != want.dtype:
-        return f"ids {tuple(got.shape)} {got.dtype}, reference {tuple(want.shape)} {want.dtype}"
-    differ = int((got != want).sum())
-    return None if differ == 0 else f"{differ} of {want.numel()} ids differ from the reference"
-
-
 CASE = Case(
     name="codebook_argmin",
     roof="compute",
@@ -176,6 +168,6 @@ CASE = Case(
     make_inputs=make_inputs,
     run=run,
     baseline=baseline,
-    check=check,
+    check=ids_equal,
     probe=lambda inputs: (inputs["z"], inputs["codebooks"]),
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import Case, Point, Tensors
+from benchmarks.cases import Case, Point, Tensors, ids_equal
 from kelix_fast import ops
 from kelix_fast.runtime.sampling import SamplingParams, filtered_logits
 
@@ -118,14 +118,6 @@ def baseline(point: Point, inputs: Tensors, shared: Tensors) -> torch.Tensor:
     return torch.cat(draws)
 
 
-def check(point: Point, got: torch.Tensor, want: torch.Tensor) -> str | None:
-    """Ids must be equal, every one (the inputs leave one id; see the module docstring)."""
-    if got.shape != want.shape or got.dtype != want.dtype:
-        return f"ids {tuple(got.shape)} {got.dtype}, reference {tuple(want.shape)} {want.dtype}"
-    differ = int((got != want).sum())
-    return None if differ == 0 else f"{differ} of {want.numel()} ids differ from the reference"
-
-
 CASE = Case(
     name="head_select",
     roof="bandwidth",
@@ -138,6 +130,6 @@ CASE = Case(
     make_inputs=make_inputs,
     run=run,
     baseline=baseline,
-    check=check,
+    check=ids_equal,
     probe=lambda inputs: (inputs["y"], inputs["head"]),
 )
