@@ -172,10 +172,14 @@ class KelixAR:
         Returns:
             ids: [n_tok, G] int64, ``n_tok = sum h*w/4``; images in order, merged tokens in raster order.
         """
-        grids = self._check_images(pixel_values, image_grid_thw)
-        pixels = pixel_values.to(self.device)
+        return self._tokenize(pixel_values, self._check_images(pixel_values, image_grid_thw))
+
+    def _tokenize(
+        self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]
+    ) -> torch.Tensor:
+        """tokenize_images after validation (``grids`` from :meth:`_check_images`)."""
         return self.model.tokenizer(
-            pixels, grids, vq=self.vq, vocab_offset=self.config.llm.vocab_size
+            pixel_values.to(self.device), grids, vq=self.vq, vocab_offset=self.config.llm.vocab_size
         )
 
     def _check_images(
@@ -459,7 +463,7 @@ class KelixAR:
             grids = self._check_images(pixel_values, image_grid_thw)
             self._check_placeholders(placeholders, sum(t * h * w // 4 for t, h, w in grids))
             timer = StageTimer(timings, self.device)
-            image_ids = self.tokenize_images(pixel_values, image_grid_thw)
+            image_ids = self._tokenize(pixel_values, grids)
             timer.lap("vit_vq")
         groups = self._expand(prompts, image_ids)
         results = generation.generate(

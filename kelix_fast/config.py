@@ -36,6 +36,16 @@ class ConfigError(ValueError):
     """A config.json that is not a supported Kelix config; the message names the field."""
 
 
+def _check_class(raw: object, expected: str, what: str) -> None:
+    """The official file must be a JSON object whose ``__class__`` is ``expected``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("__class__") != expected:
+        raise ConfigError(
+            f"config: __class__ must be '{expected}' ({what}), got {raw.get('__class__')!r}"
+        )
+
+
 def _read_json(path: str | os.PathLike[str]) -> Any:
     """The JSON of ``path``, a config.json file or a checkpoint directory holding one."""
     path = os.fspath(path)
@@ -355,13 +365,7 @@ class KelixARConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> KelixARConfig:
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"config: expected a JSON object, got {type(raw).__name__}")
-        if raw.get("__class__") != "KeyeARConfig":
-            raise ConfigError(
-                f"config: __class__ must be 'KeyeARConfig' (a Kelix AR checkpoint), "
-                f"got {raw.get('__class__')!r}"
-            )
+        _check_class(raw, "KeyeARConfig", "a Kelix AR checkpoint")
         top = {
             "__class__",
             "model_class",
@@ -532,13 +536,7 @@ class KelixDiTConfig(_Section):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> KelixDiTConfig:
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"config: expected a JSON object, got {type(raw).__name__}")
-        if raw.get("__class__") != "SanaConfig":
-            raise ConfigError(
-                f"config: __class__ must be 'SanaConfig' (a Kelix-DiT checkpoint), "
-                f"got {raw.get('__class__')!r}"
-            )
+        _check_class(raw, "SanaConfig", "a Kelix-DiT checkpoint")
         fields = {k: v for k, v in raw.items() if k != "__class__"}
         return super().from_dict({**cls._DEFAULTS, **fields})
 
