@@ -8,13 +8,16 @@ import torch
 from kelix_fast.ops import _dispatch
 from kelix_fast.ops import attention as _attention
 from kelix_fast.ops import block_embed as _block_embed
+from kelix_fast.ops import cached_attention as _cached_attention
 from kelix_fast.ops import codebook_argmin as _codebook_argmin
 from kelix_fast.ops import cross_attention as _cross_attention
 from kelix_fast.ops import head_select as _head_select
 from kelix_fast.ops import linear_attention as _linear_attention
+from kelix_fast.ops._checks import trusted_values
 from kelix_fast.ops._dispatch import BACKENDS, BackendUnavailableError
-from kelix_fast.ops.attention import attention, cached_attention
+from kelix_fast.ops.attention import attention
 from kelix_fast.ops.block_embed import block_embed
+from kelix_fast.ops.cached_attention import cached_attention
 from kelix_fast.ops.codebook_argmin import codebook_argmin
 from kelix_fast.ops.cross_attention import cross_attention
 from kelix_fast.ops.head_select import head_select
@@ -31,11 +34,12 @@ __all__ = [
     "head_select",
     "linear_attention",
     "resolve_backend",
+    "trusted_values",
 ]
 
 _TABLES = {
     "attention": _attention._ATTENTION_IMPLS,
-    "cached_attention": _attention._CACHED_IMPLS,
+    "cached_attention": _cached_attention._IMPLS,
     "block_embed": _block_embed._IMPLS,
     "codebook_argmin": _codebook_argmin._IMPLS,
     "cross_attention": _cross_attention._IMPLS,

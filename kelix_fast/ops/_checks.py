@@ -2,13 +2,43 @@
 
 Every check runs before any kernel launch; ``ValueError`` for shape, dtype, device and range problems,
 ``TypeError`` for a wrong Python type (STYLE.md §7).
+
+Checks of tensor *values* (id ranges, sequence bounds) read the tensor on the host, which synchronises with
+the device. The engine's decode loop feeds the ops ids it produced itself, step after step, and must not
+stall inside a block nor synchronise under CUDA graph capture: it runs inside :func:`trusted_values`, which
+turns the value checks off (shape, dtype, device and argument checks always run).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import torch
+
+_VALUE_CHECKS = contextvars.ContextVar("kelix_fast_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def trusted_values() -> Iterator[None]:
+    """Within this scope the ops skip the checks that read tensor values on the host (no device sync).
+
+    For callers whose index tensors come from the engine itself (ids selected by ``head_select``, cache
+    lengths it advanced). Out-of-range values are then undefined behaviour, as in any kernel library.
+    """
+    token = _VALUE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def values_checked() -> bool:
+    """Whether value checks run: outside :func:`trusted_values` and not during CUDA graph capture."""
+    if not _VALUE_CHECKS.get():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -61,8 +91,11 @@ def same_device(op: str, **tensors: torch.Tensor) -> None:
 
 
 def ids_in_range(op: str, name: str, ids: torch.Tensor, low: int, high: int) -> None:
-    """Every id must lie in ``[low, high)``; the message gives the first offending value and index."""
-    if ids.numel() == 0:
+    """Every id must lie in ``[low, high)``; the message gives the first offending value and index.
+
+    Skipped inside :func:`trusted_values` (it synchronises with the device).
+    """
+    if ids.numel() == 0 or not values_checked():
         return
     bad = (ids < low) | (ids >= high)
     if bool(bad.any()):

@@ -1,7 +1,8 @@
-"""Attention entry points: packed variable-length attention and attention against a KV cache.
+"""``attention``: softmax attention over packed variable-length sequences (ViT images, prompts).
 
-Only the PyTorch references exist so far (the flash kernels come with the attention issue). Both keep GQA
-without expanding K/V: query head ``h`` reads KV head ``h // (H / Hkv)``; scores and softmax are float32.
+Only the PyTorch reference exists so far (the flash kernel comes with the attention issue). GQA without
+expanding K/V: query head ``h`` reads KV head ``h // (H / Hkv)``; scores and softmax are float32. The
+shared checks and the masked softmax reference also serve :mod:`kelix_fast.ops.cached_attention`.
 """
 
 from __future__ import annotations
@@ -61,47 +62,6 @@ def attention(
     return out
 
 
-def cached_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    *,
-    q_start: torch.Tensor,
-    kv_lens: torch.Tensor,
-    causal: bool = True,
-    scale: float | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Queries of each request against its cached keys (prefill, decode, Block Decoder steps).
-
-    Query row ``i`` of request ``b`` sits at position ``q_start[b] + i`` and sees cached keys ``j`` with
-    ``j < kv_lens[b]`` and, if ``causal``, ``j <= q_start[b] + i``. Rows past a request's own length are
-    computed and must be ignored by the caller (right-padded batches).
-
-    Args:
-        q: [B, Lq, H, d]; k_cache, v_cache: [B, S, Hkv, d], same dtype and device; H % Hkv == 0.
-        q_start: [B] int64, position of query row 0. kv_lens: [B] int64 in [1, S].
-
-    Returns:
-        [B, Lq, H, d] in the dtype of ``q``.
-    """
-    op = "cached_attention"
-    _check_qkv(op, q, k_cache, v_cache, packed=False)
-    batch = q.shape[0]
-    for name, t in (("q_start", q_start), ("kv_lens", kv_lens)):
-        _checks.tensor(op, name, t)
-        _checks.shape(op, name, t, (batch,), "B")
-        _checks.dtype(op, name, t, (torch.int64,))
-        _checks.same_device(op, q=q, **{name: t})
-    if kv_lens.numel():
-        _checks.ids_in_range(op, "kv_lens", kv_lens, 1, k_cache.shape[1] + 1)
-    out = torch.empty_like(q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    impl = _dispatch.pick(op, _CACHED_IMPLS, backend, q, k_cache, v_cache)
-    impl.run(q, k_cache, v_cache, q_start, kv_lens, causal, scale, out)
-    return out
-
-
 def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, packed: bool) -> None:
     dims = "T, H, d" if packed else "B, L, H, d"
     kv_dims = "T, Hkv, d" if packed else "B, S, Hkv, d"
@@ -147,17 +107,4 @@ def _attention_reference(q, k, v, bounds, causal, scale, out) -> None:
         out[seq] = _softmax_attention(q[None, seq], k[None, seq], v[None, seq], mask, scale)[0]
 
 
-def _cached_attention_reference(q, k_cache, v_cache, q_start, kv_lens, causal, scale, out) -> None:
-    if q.shape[0] == 0:
-        return
-    span = int(kv_lens.max())  # keys past the longest request are never read
-    key_pos = torch.arange(span, device=q.device)
-    mask = (key_pos[None, None, :] < kv_lens[:, None, None]).expand(-1, q.shape[1], -1)
-    if causal:
-        q_pos = q_start[:, None] + torch.arange(q.shape[1], device=q.device)
-        mask = mask & (key_pos[None, None, :] <= q_pos[:, :, None])
-    out.copy_(_softmax_attention(q, k_cache[:, :span], v_cache[:, :span], mask, scale))
-
-
 _ATTENTION_IMPLS = {"torch": _dispatch.Impl(_attention_reference, can_run=_dispatch.always)}
-_CACHED_IMPLS = {"torch": _dispatch.Impl(_cached_attention_reference, can_run=_dispatch.always)}

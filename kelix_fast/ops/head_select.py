@@ -62,7 +62,8 @@ def head_select(
         allowed: [M, R, 2] int64 half-open id ranges ``[low, high)`` per row, same device, with
             ``0 <= low <= high <= V`` and at least one id per row; None allows every id. For
             ``scoring="structured"`` a visual slot passes R = 2: its sub-codebook slice and
-            ``[q_eos, q_eos + 1)``. Checking the ranges reads them on the host (one synchronisation).
+            ``[q_eos, q_eos + 1)``. Checking the ranges reads them on the host (one synchronisation,
+            skipped inside ``ops.trusted_values()``).
         backend: ``"auto" | "triton" | "torch"``. See :func:`kelix_fast.ops.resolve_backend`; ``"auto"``
             picks triton for CUDA tensors when the request is supported (greedy; full-row sampling
             with ``top_p == 1`` and no top-k filter; or at most 64 candidates: ``0 < top_k <= 64``, or
@@ -132,7 +133,7 @@ def _check_allowed(allowed: torch.Tensor, y: torch.Tensor, vocab: int) -> None:
         raise ValueError(
             f"{_OP}: allowed must have at least one range per row, got shape [*, 0, 2]"
         )
-    if allowed.numel() == 0:
+    if allowed.numel() == 0 or not _checks.values_checked():
         return
     _checks.ids_in_range(_OP, "allowed", allowed, 0, vocab + 1)
     low, high = allowed[..., 0], allowed[..., 1]
