@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from benchmarks import environment, roofline, timing
-from benchmarks.cases import Case, Point, Tensors, all_cases
+from benchmarks.cases import BaselineUnavailable, Case, Point, Tensors, all_cases
 from kelix_fast import ops
 
 SCHEMA_VERSION = 1
@@ -108,16 +108,30 @@ class _Runner:
     def baseline(self, case: Case, point: Point, sets: list[Tensors], shared: Tensors, want):
         key = (case.name, *(point[k] for k in case.baseline_key))
         if key not in self._baselines:
-            mismatch = case.check(point, case.baseline(point, sets[0], shared), want)
-            times = self.timer(lambda s: case.baseline(point, s, shared), sets, self.budget)
-            stats = timing.summarize(times)
-            self._baselines[key] = {
-                "name": "official_eager",
-                "matches_reference": mismatch is None,
-                "mismatch": mismatch,
-                **stats,
-            }
+            self._baselines[key] = self._time_baseline(
+                "official_eager", case.baseline, point, sets, shared, want, case
+            )
         return self._baselines[key]
+
+    def other_baselines(self, case: Case, point: Point, sets, shared, want) -> list[dict[str, Any]]:
+        records = []
+        for name, fn in case.other_baselines.items():
+            try:
+                records.append(self._time_baseline(name, fn, point, sets, shared, want, case))
+            except BaselineUnavailable as err:
+                records.append({"name": name, "status": "unavailable", "reason": str(err)})
+        return records
+
+    def _time_baseline(self, name, fn, point, sets, shared, want, case) -> dict[str, Any]:
+        mismatch = case.check(point, fn(point, sets[0], shared), want)
+        times = self.timer(lambda s: fn(point, s, shared), sets, self.budget)
+        return {
+            "name": name,
+            "status": "ok",
+            "matches_reference": mismatch is None,
+            "mismatch": mismatch,
+            **timing.summarize(times),
+        }
 
     def point(self, case: Case, point: Point, backends: list[str]) -> list[dict[str, Any]]:
         shared = self.shared(case, point)
@@ -144,6 +158,7 @@ class _Runner:
             "roofline": roof_name,
             "roofline_value": roof_value,
             "baseline": base,
+            "other_baselines": self.other_baselines(case, point, sets, shared, want),
         }
         return [self._backend(case, point, backend, sets, want, common) for backend in backends]
 
@@ -210,6 +225,11 @@ def _line(records: list[dict[str, Any]]) -> str:
     head = records[0]
     shape = ",".join(f"{k}={v}" for k, v in head["shape"].items())
     cells = [f"{head['case']} [{shape}] baseline {head['baseline']['median_ms']:.3f} ms"]
+    for other in head["other_baselines"]:
+        if other["status"] == "ok":
+            cells.append(f"  {other['name']} {other['median_ms']:.3f} ms")
+        else:
+            cells.append(f"  {other['name']} unavailable: {other['reason']}")
     for r in records:
         if r["status"] == "ok":
             cells.append(

@@ -8,8 +8,8 @@ timing, rotation, the roofline and the JSON record.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ class Case:
     ``check(point, got, want)`` returns ``None`` when ``got`` matches the reference output ``want``,
     else the reason. ``probe(inputs)`` are the tensors ``resolve_backend`` decides on.
     ``roof`` names the binding roofline: ``"compute"`` or ``"bandwidth"``.
+    ``other_baselines`` are further reference points timed in the same run (e.g. PyTorch SDPA,
+    FlexAttention), same signature as ``baseline``; one that cannot run here raises
+    :class:`BaselineUnavailable` and is recorded with the reason.
     """
 
     name: str
@@ -45,6 +48,13 @@ class Case:
     baseline: Callable[[Point, Tensors, Tensors], torch.Tensor]
     check: Callable[[Point, torch.Tensor, torch.Tensor], str | None]
     probe: Callable[[Tensors], tuple[torch.Tensor, ...]]
+    other_baselines: Mapping[str, Callable[[Point, Tensors, Tensors], torch.Tensor]] = field(
+        default_factory=dict
+    )
+
+
+class BaselineUnavailable(Exception):
+    """An ``other_baselines`` entry cannot run on this machine or shape; the message says why."""
 
 
 def all_cases() -> dict[str, Case]:
