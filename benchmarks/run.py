@@ -1,10 +1,13 @@
-"""The harness: ``python -m benchmarks run --suite kernels [--json PATH] [--backends ...] [--cases ...]``.
+"""The harness: ``python -m benchmarks run --suite kernels [--json PATH] [--backends ...] [--cases ...]``
+and ``python -m benchmarks run --suite generation [--json PATH] [--batches ...]``.
 
-For every case, point and backend it verifies the backend's output against the reference
-(``backend="torch"``) before timing, records a backend that cannot run as ``"unavailable"`` with the
-reason (never a substitute), times the official-style baseline in the same run, and relates everything
-to the roofline measured in the same run. ``--cpu --quick`` is the harness's CPU smoke mode: it times
-the CPU path and is marked ``"device": "cpu"``; GPU numbers only ever come from a CUDA device.
+Kernels suite: for every case, point and backend it verifies the backend's output against the
+reference (``backend="torch"``) before timing, records a backend that cannot run as ``"unavailable"``
+with the reason (never a substitute), times the official-style baseline in the same run, and relates
+everything to the roofline measured in the same run. Generation suite (benchmarks/generation.py): time
+per image block of the official-style loop, kelix_fast eager and kelix_fast with CUDA graphs, against
+the same roofline. ``--cpu --quick`` is the harness's CPU smoke mode: it times the CPU path and is
+marked ``"device": "cpu"``; GPU numbers only ever come from a CUDA device.
 """
 
 from __future__ import annotations
@@ -18,16 +21,16 @@ from typing import Any
 
 import torch
 
-from benchmarks import environment, roofline, timing
+from benchmarks import environment, generation, roofline, timing
 from benchmarks.cases import BaselineUnavailable, Case, Point, Tensors, all_cases
 from kelix_fast import ops
 
 SCHEMA_VERSION = 1
 RESULTS_DIR = environment.REPO / "benchmarks" / "results"
 BACKENDS = ("torch", "triton", "cuda")
-SUITES = ("kernels",)
+SUITES = ("kernels", "generation")
 NO_CUDA = (
-    "the kernels suite measures GPU kernels and needs a CUDA device, and torch sees none here; "
+    "the {suite} suite measures GPU work and needs a CUDA device, and torch sees none here; "
     "`--cpu --quick` runs the CPU smoke mode of the harness (never GPU numbers)"
 )
 
@@ -47,20 +50,42 @@ def _csv(allowed: tuple[str, ...] | list[str], what: str):
     return parse
 
 
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--batches must be positive integers, got {text!r}")
+    return sizes
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a benchmark suite")
     run.add_argument("--suite", choices=SUITES, default="kernels")
     run.add_argument("--json", type=Path, help="write the run's JSON record here")
-    run.add_argument("--backends", type=_csv(BACKENDS, "--backends"), default=list(BACKENDS))
+    run.add_argument(
+        "--backends", type=_csv(BACKENDS, "--backends"), help="kernels suite (default: all)"
+    )
     names = list(all_cases())
-    run.add_argument("--cases", type=_csv(names, "--cases"), default=names)
+    run.add_argument("--cases", type=_csv(names, "--cases"), help="kernels suite (default: all)")
+    run.add_argument(
+        "--batches",
+        type=_batches,
+        help="generation suite: batch sizes (default: 1,8,32,128; --quick: 1,2)",
+    )
     run.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions")
     run.add_argument(
         "--cpu", action="store_true", help="CPU smoke mode of the harness (needs --quick)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    wrong = ["--batches"] if args.suite == "kernels" else ["--backends", "--cases"]
+    for flag in wrong:
+        if getattr(args, flag[2:]) is not None:
+            parser.error(f"{flag} does not apply to the {args.suite} suite")
+    return args
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
@@ -74,13 +99,13 @@ def pick_device(args: argparse.Namespace) -> torch.device:
             )
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise Refused(NO_CUDA)
+        raise Refused(NO_CUDA.format(suite=args.suite))
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _auto_choice(case: Case, inputs: Tensors) -> str:
+def _auto_choice(case: Case, point: Point, inputs: Tensors) -> str:
     try:
-        return ops.resolve_backend(case.name, "auto", *case.probe(inputs))
+        return ops.resolve_backend(point.get("op", case.name), "auto", *case.probe(inputs))
     except ops.BackendUnavailableError as err:
         return f"unavailable: {err}"
 
@@ -140,7 +165,7 @@ class _Runner:
         sets = [case.make_inputs(point, shared, 1 + i) for i in range(count)]
         want = case.run(point, sets[0], "torch")
         base = self.baseline(case, point, sets, shared, want)
-        roof_name = case.roof
+        roof_name = point.get("roof", case.roof)
         roof_value = (
             self.roof["matmul_tflops"][point["dtype"]]
             if roof_name == "compute"
@@ -149,7 +174,7 @@ class _Runner:
         common = {
             "case": case.name,
             "shape": point,
-            "auto_choice": _auto_choice(case, sets[0]),
+            "auto_choice": _auto_choice(case, point, sets[0]),
             "flop": call_flops,
             "bytes": call_bytes,
             "l2": "cold" if self.on_gpu else "n/a (cpu)",
@@ -201,13 +226,7 @@ def run_suite(
     """Measure the roofline, then every point of every case on every backend; return the JSON record."""
     budget = timing.QUICK if quick else timing.FULL
     cases = all_cases()
-    report = {
-        "schema": SCHEMA_VERSION,
-        "suite": "kernels",
-        "quick": quick,
-        "argv": sys.argv,
-        **environment.describe(device),
-    }
+    report = _header("kernels", device, quick=quick)
     with torch.inference_mode():
         report["roofline"] = roofline.measure(device, budget)
         runner = _Runner(device, budget, report["roofline"])
@@ -219,6 +238,31 @@ def run_suite(
                 print(_line(results[-len(backends) :]), flush=True)
     report["results"] = results
     return report
+
+
+def run_generation(
+    device: torch.device, *, quick: bool, batches: list[int] | None
+) -> dict[str, Any]:
+    """Measure the roofline, then the generation suite (benchmarks/generation.py); the JSON record."""
+    report = _header("generation", device, quick=quick)
+    if device.type == "cpu":
+        # The smoke mode's tiny tensors: the intra-op thread pool costs more than it saves (as in
+        # tests/conftest.py), and on a shared machine several times more.
+        torch.set_num_threads(1)
+    with torch.inference_mode():
+        report["roofline"] = roofline.measure(device, timing.QUICK if quick else timing.FULL)
+    report.update(generation.measure(device, report["roofline"], quick=quick, batches=batches))
+    return report
+
+
+def _header(suite: str, device: torch.device, *, quick: bool) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "suite": suite,
+        "quick": quick,
+        "argv": sys.argv,
+        **environment.describe(device),
+    }
 
 
 def _line(records: list[dict[str, Any]]) -> str:
@@ -257,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as err:
         print(f"benchmarks: refused: {err}", file=sys.stderr)
         return 2
-    report = run_suite(args.cases, args.backends, device, quick=args.quick)
+    if args.suite == "generation":
+        report = run_generation(device, quick=args.quick, batches=args.batches)
+    else:
+        cases, backends = args.cases or list(all_cases()), args.backends or list(BACKENDS)
+        report = run_suite(cases, backends, device, quick=args.quick)
     if args.json is not None:
         write_json(report, args.json)
         print(f"wrote {args.json}")
-    mismatched = [r for r in report["results"] if r["status"] == "mismatch"]
-    return 1 if mismatched else 0
+    failed = [r for r in report["results"] if r["status"] in ("mismatch", "error")]
+    return 1 if failed else 0

@@ -114,6 +114,56 @@ void block_embed(uintptr_t ids, uintptr_t table, uintptr_t out, int64_t n_rows, 
   check(kf_block_embed(&params, as_stream(stream)), "kf_block_embed", detail);
 }
 
+// Bytes of workspace kf_head_select needs for these sizes.
+size_t head_select_workspace_size(int64_t n_rows, int32_t dim, int64_t vocab, int dtype) {
+  size_t bytes = 0;
+  const std::string detail = "n_rows=" + std::to_string(n_rows) + ", dim=" + std::to_string(dim) +
+                             ", vocab=" + std::to_string(vocab) + ", dtype=" + dtype_name(dtype);
+  check(kf_head_select_workspace_size(n_rows, dim, vocab, static_cast<kf_dtype>(dtype), &bytes),
+        "kf_head_select_workspace_size", detail);
+  return bytes;
+}
+
+// ids [n_rows] (out) <- y [n_rows, dim] (row stride y_row_stride), norm_weight [dim],
+// head [vocab, dim] (row stride head_row_stride), ranges [n_rows, n_ranges, 2] int64 or 0,
+// seeds [n_rows] int64 or 0, workspace of workspace_size bytes.
+void head_select(uintptr_t y, uintptr_t norm_weight, uintptr_t head, uintptr_t ranges,
+                 uintptr_t seeds, uintptr_t ids, uintptr_t workspace, size_t workspace_size,
+                 int64_t n_rows, int64_t y_row_stride, int32_t dim, int64_t vocab,
+                 int64_t head_row_stride, int32_t n_ranges, int64_t ranges_row_stride,
+                 int64_t ranges_range_stride, int dtype, int mode, float eps, float logit_divisor,
+                 uintptr_t stream) {
+  kf_head_select_params params{};
+  params.y = as_pointer<const void>(y);
+  params.norm_weight = as_pointer<const void>(norm_weight);
+  params.head = as_pointer<const void>(head);
+  params.ranges = as_pointer<const int64_t>(ranges);
+  params.seeds = as_pointer<const int64_t>(seeds);
+  params.ids = as_pointer<int64_t>(ids);
+  params.workspace = as_pointer<void>(workspace);
+  params.workspace_size = workspace_size;
+  params.n_rows = n_rows;
+  params.y_row_stride = y_row_stride;
+  params.vocab = vocab;
+  params.head_row_stride = head_row_stride;
+  params.ranges_row_stride = ranges_row_stride;
+  params.ranges_range_stride = ranges_range_stride;
+  params.dim = dim;
+  params.n_ranges = n_ranges;
+  params.dtype = static_cast<kf_dtype>(dtype);
+  params.mode = static_cast<kf_head_select_mode>(mode);
+  params.eps = eps;
+  params.logit_divisor = logit_divisor;
+  const char* mode_name = mode == KF_HEAD_SELECT_GREEDY   ? "greedy"
+                          : mode == KF_HEAD_SELECT_GUMBEL ? "gumbel"
+                                                          : "unknown";
+  const std::string detail = "n_rows=" + std::to_string(n_rows) + ", dim=" + std::to_string(dim) +
+                             ", vocab=" + std::to_string(vocab) +
+                             ", n_ranges=" + std::to_string(n_ranges) +
+                             ", dtype=" + dtype_name(dtype) + ", mode=" + mode_name;
+  check(kf_head_select(&params, as_stream(stream)), "kf_head_select", detail);
+}
+
 }  // namespace
 }  // namespace kelix_fast
 
@@ -131,13 +181,16 @@ PYBIND11_MODULE(_C, m) {
         "Number of visible CUDA devices; raises RuntimeError ('kf_device_count: CUDA error N "
         "(...)') when the CUDA runtime fails, e.g. without a driver.");
 
-  // kf_dtype and kf_argmin_mode values, for the Python adapters (kelix_fast/ops/_cuda.py).
+  // kf_dtype, kf_argmin_mode and kf_head_select_mode values, for the Python adapters
+  // (kelix_fast/ops/_cuda.py).
   m.attr("DTYPE_FLOAT32") = static_cast<int>(KF_DTYPE_FLOAT32);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(KF_DTYPE_BFLOAT16);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(KF_DTYPE_FLOAT16);
   m.attr("DTYPE_INT64") = static_cast<int>(KF_DTYPE_INT64);
   m.attr("ARGMIN_REFERENCE") = static_cast<int>(KF_ARGMIN_REFERENCE);
   m.attr("ARGMIN_EXACT") = static_cast<int>(KF_ARGMIN_EXACT);
+  m.attr("HEAD_SELECT_GREEDY") = static_cast<int>(KF_HEAD_SELECT_GREEDY);
+  m.attr("HEAD_SELECT_GUMBEL") = static_cast<int>(KF_HEAD_SELECT_GUMBEL);
 
   // --- csrc/codebook_argmin.cu ---
   m.def("codebook_argmin", &kelix_fast::codebook_argmin, py::arg("z"), py::arg("ln_weight"),
@@ -156,4 +209,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"),
         "kf_block_embed on device addresses (ints): fills out [n_rows, dim] (out). Asynchronous "
         "on stream; raises RuntimeError('kf_block_embed: <status> (...)') on failure.");
+
+  // --- csrc/head_select.cu ---
+  m.def("head_select_workspace_size", &kelix_fast::head_select_workspace_size, py::arg("n_rows"),
+        py::arg("dim"), py::arg("vocab"), py::arg("dtype"),
+        "kf_head_select_workspace_size: bytes of workspace head_select needs (no CUDA call); "
+        "raises RuntimeError('kf_head_select_workspace_size: <status> (...)') for sizes it "
+        "refuses.");
+  m.def("head_select", &kelix_fast::head_select, py::arg("y"), py::arg("norm_weight"),
+        py::arg("head"), py::arg("ranges"), py::arg("seeds"), py::arg("ids"), py::arg("workspace"),
+        py::arg("workspace_size"), py::arg("n_rows"), py::arg("y_row_stride"), py::arg("dim"),
+        py::arg("vocab"), py::arg("head_row_stride"), py::arg("n_ranges"),
+        py::arg("ranges_row_stride"), py::arg("ranges_range_stride"), py::arg("dtype"),
+        py::arg("mode"), py::arg("eps"), py::arg("logit_divisor"), py::arg("stream"),
+        "kf_head_select on device addresses (ints; 0 for no ranges / no seeds): fills ids "
+        "[n_rows] (out). Asynchronous on stream; raises RuntimeError('kf_head_select: <status> "
+        "(...)') when the C API refuses or CUDA fails.");
 }

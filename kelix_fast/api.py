@@ -21,7 +21,8 @@ from kelix_fast.models.kelix_ar import CHECKPOINT_RENAMES, DEAD_TENSORS, KelixAR
 from kelix_fast.models.vae import decode_latents, load_vae
 from kelix_fast.ops.codebook_argmin import MODES as VQ_MODES
 from kelix_fast.processor import IM_START_TOKEN, ImageInput, KelixProcessor, preprocess_image
-from kelix_fast.runtime import generation
+from kelix_fast.runtime import device_decoding, generation
+from kelix_fast.runtime.block_selection import SCORINGS, SEED_BITS, SelectionPlan
 from kelix_fast.runtime.conditioning import extract_condition, text_to_image_prompt
 from kelix_fast.runtime.flow import sample_latents
 from kelix_fast.runtime.sampling import SAMPLERS, SamplingParams
@@ -405,11 +406,13 @@ class KelixAR:
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         max_new_blocks: int,
-        top_k: int = 1,
-        top_p: float = 1.0,
-        temperature: float = 1.0,
+        top_k: int | Sequence[int] = 1,
+        top_p: float | Sequence[float] = 1.0,
+        temperature: float | Sequence[float] = 1.0,
         seed: int | Sequence[int] | None = None,
         sampler: str = "sequential",
+        scoring: str = "full",
+        cuda_graphs: bool | None = None,
         return_hidden_states: bool = False,
         timings: dict[str, float] | None = None,
         step_callback: Callable[[int], None] | None = None,
@@ -421,11 +424,19 @@ class KelixAR:
                 placeholders (``image_token_id``) are filled, in order, with the ids of ``pixel_values``.
             pixel_values, image_grid_thw: the images, as for :meth:`tokenize_images`.
             max_new_blocks: >= 1, new groups per request (the official ``max_new_tokens=n`` gives n + 1).
-            top_k (>= 0, 0 = off; 1 = greedy), top_p (in (0, 1]), temperature (>= 0): block sampling.
-            seed: None (torch's global RNG), one int (every request draws from its own generator seeded
-                with it) or one int per request. A request's output never depends on its batch.
-            sampler: ``"sequential"`` (each slot conditions the next) or ``"reference"`` (the official
-                ``_sample_group``). Identical when greedy.
+            top_k (>= 0, 0 = off; 1 = greedy), top_p (in (0, 1]), temperature (>= 0): block sampling;
+                each one value for every request or one value per request.
+            seed: None (drawn from torch's global RNG), one int (every request uses it) or one int per
+                request, each in [0, 2^31). A request's output never depends on its batch.
+            sampler: ``"sequential"`` (the engine: each slot conditions the next, selected on the device by
+                ``ops.head_select``, no host synchronisation inside a block) or ``"reference"`` (the
+                official ``_sample_group`` in the host-driven reference loop; one set of sampling
+                parameters, full scoring, no CUDA graphs). Identical when greedy.
+            scoring: ``"full"`` (exact: every slot scores the whole vocabulary) or ``"structured"``
+                (approximate, opt-in: slot t >= 1 of a visual block scores only sub-codebook t and
+                ``q_eos``, kelix-ar.md §7.2; results may differ from ``"full"``).
+            cuda_graphs: capture the decode step as a CUDA graph and replay it. None: on for a model on
+                CUDA with ``sampler="sequential"``; True elsewhere raises.
             return_hidden_states: also return the last-layer hidden states.
             timings: when given, receives the seconds spent per stage (``vit_vq``, ``prefill``,
                 ``decode``), added to what it holds.
@@ -433,9 +444,10 @@ class KelixAR:
 
         A request stops after a generated group with ``<|im_end|>`` in slot 0 (the first one included).
         """
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
         if isinstance(max_new_blocks, bool) or not isinstance(max_new_blocks, int):
             raise TypeError(f"max_new_blocks must be an int, got {type(max_new_blocks).__name__}")
         if max_new_blocks < 1:
@@ -448,7 +460,10 @@ class KelixAR:
                 f"max_new_blocks = {max_new_blocks} with a {longest}-token prompt needs "
                 f"{longest + max_new_blocks - 1} positions, more than max_seq_len = {llm.max_seq_len}"
             )
-        generators = self._generators(seed, len(prompts))
+        batch = len(prompts)
+        params = _per_request_params(batch, temperature=temperature, top_k=top_k, top_p=top_p)
+        seeds = _request_seeds(seed, batch)
+        graphs = self._check_decode_mode(sampler, scoring, cuda_graphs, params)
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
         placeholders = sum(int((p == llm.image_token_id).sum()) for p in prompts)
@@ -466,34 +481,60 @@ class KelixAR:
             image_ids = self._tokenize(pixel_values, grids)
             timer.lap("vit_vq")
         groups = self._expand(prompts, image_ids)
-        results = generation.generate(
-            self.model,
-            groups,
-            max_new_blocks=max_new_blocks,
-            params=params,
-            sampler=sampler,
-            generators=generators,
-            return_hidden_states=return_hidden_states,
-            timings=timings,
-            step_callback=step_callback,
-        )
+        if sampler == "reference":
+            results = generation.generate_reference(
+                self.model,
+                groups,
+                max_new_blocks=max_new_blocks,
+                params=params[0],
+                sampler=sampler,
+                generators=[torch.Generator(device=self.device).manual_seed(s) for s in seeds],
+                return_hidden_states=return_hidden_states,
+                timings=timings,
+                step_callback=step_callback,
+            )
+        else:
+            results = device_decoding.generate(
+                self.model,
+                groups,
+                max_new_blocks=max_new_blocks,
+                plan=SelectionPlan(self.config.llm, params, scoring=scoring, device=self.device),
+                request_seeds=torch.tensor(seeds, dtype=torch.int64, device=self.device),
+                return_hidden_states=return_hidden_states,
+                cuda_graphs=graphs,
+                timings=timings,
+                step_callback=step_callback,
+            )
         return self._collate(self._expand(prompts, None), results, return_hidden_states)
 
-    def _generators(
-        self, seed: int | Sequence[int] | None, batch: int
-    ) -> list[torch.Generator | None]:
-        if seed is None:
-            return [None] * batch
-        seeds = [seed] * batch if isinstance(seed, int) and not isinstance(seed, bool) else seed
-        if (
-            not isinstance(seeds, Sequence)
-            or len(seeds) != batch
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-        ):
+    def _check_decode_mode(
+        self,
+        sampler: str,
+        scoring: str,
+        cuda_graphs: bool | None,
+        params: list[SamplingParams],
+    ) -> bool:
+        """Whether to use CUDA graphs; raises for combinations the chosen loop cannot run."""
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be None or a bool, got {type(cuda_graphs).__name__}")
+        if sampler == "reference":
+            if len(set(params)) > 1:
+                raise ValueError(
+                    'sampler="reference" takes one set of sampling parameters for the whole batch, '
+                    f'got {len(set(params))} different ones (use sampler="sequential")'
+                )
+            if scoring != "full":
+                raise ValueError(
+                    f'sampler="reference" scores the full vocabulary, got scoring={scoring!r}'
+                )
+            if cuda_graphs:
+                raise ValueError('cuda_graphs=True needs sampler="sequential" (the device loop)')
+            return False
+        if cuda_graphs and self.device.type != "cuda":
             raise ValueError(
-                f"seed must be None, an int or a list of {batch} ints (one per request), got {seed!r}"
+                f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}"
             )
-        return [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        return self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
     def _collate(
         self,
@@ -824,3 +865,41 @@ class KelixPipeline:
         from PIL import Image
 
         return Image.fromarray(pixels[0].cpu().numpy())
+
+
+def _per_request(name: str, value: Any, batch: int) -> list[Any]:
+    """One value for every request, or a sequence of exactly ``batch`` values (SamplingParams checks
+    the values themselves)."""
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        return [value] * batch
+    if len(value) != batch:
+        raise ValueError(
+            f"{name} must be one value or {batch} values (one per request), got {len(value)} values"
+        )
+    return list(value)
+
+
+def _per_request_params(batch: int, *, temperature, top_k, top_p) -> list[SamplingParams]:
+    temperatures = _per_request("temperature", temperature, batch)
+    top_ks = _per_request("top_k", top_k, batch)
+    top_ps = _per_request("top_p", top_p, batch)
+    return [SamplingParams(t, k, p) for t, k, p in zip(temperatures, top_ks, top_ps)]
+
+
+def _request_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
+    """Each request's seed in [0, 2^31); None draws them from torch's global RNG."""
+    if seed is None:
+        return torch.randint(2**SEED_BITS, (batch,)).tolist()
+    seeds = [seed] * batch if isinstance(seed, int) and not isinstance(seed, bool) else seed
+    if (
+        not isinstance(seeds, Sequence)
+        or len(seeds) != batch
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise ValueError(
+            f"seed must be None, an int or a list of {batch} ints (one per request), got {seed!r}"
+        )
+    bad = [s for s in seeds if not 0 <= s < 2**SEED_BITS]
+    if bad:
+        raise ValueError(f"seed must lie in [0, 2^{SEED_BITS}), got {bad[0]}")
+    return list(seeds)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -51,39 +52,59 @@ _TABLES = ("embed_tokens.weight", "position_embedding.weight", ".embedding.weigh
 
 def tiny_config(*, codes_per_group: int = 64) -> KelixARConfig:
     """Release token layout, tiny widths: LLM 64 wide (2 layers, GQA 4/2), ViT 32 wide, codes 8 x K."""
+    return _kelix_config(
+        codes_per_group=codes_per_group,
+        vision={"image_size": 56, "hidden_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "intermediate_size": 64},
+        tokenizer={"embedding_dim": 16, "init_embedding_dim": 24, "output_dim": 48},
+        llm={"embed_dim": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+             "intermediate_dim": 128, "max_seq_len": 4096},
+        block_decoder={"vocab_size": TEXT_VOCAB + 8 * codes_per_group, "max_pos_length": 16,
+                       "d_model": 32, "nhead": 2, "dim_feedforward": 64},
+    )  # fmt: skip
+
+
+def release_config() -> KelixARConfig:
+    """The release shapes (kelix-ar.md §3.2, §3.5, §4.1, §5.1): a 27-layer 1152-wide ViT, Qwen3-8B (36
+    layers, 4096 wide, GQA 32/8), 8 x 8192 codes, a 512-wide 1-layer Block Decoder. For benchmarks with
+    random weights (the real checkpoint's config.json gives the same values)."""
+    return _kelix_config(
+        codes_per_group=8192,
+        vision={"image_size": 384, "hidden_size": 1152, "num_hidden_layers": 27,
+                "num_attention_heads": 16, "intermediate_size": 4304},
+        tokenizer={"embedding_dim": 128, "init_embedding_dim": 4096, "output_dim": 1024},
+        llm={"embed_dim": 4096, "num_layers": 36, "num_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+             "intermediate_dim": 12288, "max_seq_len": 40960},
+        block_decoder={"vocab_size": 65536, "max_pos_length": 65537, "d_model": 512, "nhead": 4,
+                       "dim_feedforward": 2048},
+    )  # fmt: skip
+
+
+def _kelix_config(
+    *,
+    codes_per_group: int,
+    vision: dict[str, Any],
+    tokenizer: dict[str, Any],
+    llm: dict[str, Any],
+    block_decoder: dict[str, Any],
+) -> KelixARConfig:
+    """A config with the release token layout (special ids, 8 sub-codebooks) and the given widths."""
     n_q = 8
     codebook_size = n_q * codes_per_group
-    vision = VisionConfig(
-        image_size=56,
-        patch_size=14,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        layer_norm_eps=1e-6,
-        rope_theta=10000.0,
+    vision_config = VisionConfig(
+        patch_size=14, num_channels=3, layer_norm_eps=1e-6, rope_theta=10000.0, **vision
     )
-    tokenizer = TokenizerConfig(
-        vision_config=vision,
+    tokenizer_config = TokenizerConfig(
+        vision_config=vision_config,
         codebook_size=codebook_size,
-        embedding_dim=16,
-        init_embedding_dim=24,
-        llm_hidden_size=64,
+        llm_hidden_size=llm["embed_dim"],
         n_q_tokens=n_q,
         split_voc=n_q,
-        output_dim=48,
         fusion_type="sum",
+        **tokenizer,
     )
-    llm = LLMConfig(
+    llm_config = LLMConfig(
         vocab_size=TEXT_VOCAB,
-        embed_dim=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        intermediate_dim=128,
-        max_seq_len=4096,
         rope_base=1_000_000.0,
         norm_eps=1e-6,
         eos_token_id=IM_END,
@@ -94,19 +115,18 @@ def tiny_config(*, codes_per_group: int = 64) -> KelixARConfig:
         vision_end_token_id=VISION_END,
         codebook_size=codebook_size,
         n_q_tokens=n_q,
+        **llm,
     )
-    block_decoder = BlockDecoderConfig(
-        vocab_size=TEXT_VOCAB + codebook_size,
-        max_pos_length=16,
+    block_decoder_config = BlockDecoderConfig(
         max_length=n_q + 1,
-        d_model=32,
         eos_token=Q_EOS,
-        nhead=2,
         num_layers=1,
-        dim_feedforward=64,
-        input_dim=64,
+        input_dim=llm["embed_dim"],
+        **block_decoder,
     )
-    return KelixARConfig(llm=llm, tokenizer=tokenizer, block_decoder=block_decoder)
+    return KelixARConfig(
+        llm=llm_config, tokenizer=tokenizer_config, block_decoder=block_decoder_config
+    )
 
 
 def random_weights(config: KelixARConfig, seed: int = 0) -> dict[str, torch.Tensor]:

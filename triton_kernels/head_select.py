@@ -20,7 +20,7 @@ Three steps, each small except the second:
    The candidates are tiny, so a third kernel would save one or two small launches only.
 
 Sampling uses Gumbel-max with a counter-based hash of (row seed, vocabulary id): exact for the categorical
-distribution up to the resolution of the uniforms (24 bits in the kernel, 32 bits in the merge), and a
+distribution up to the resolution of the uniforms (23 bits in the kernel, 32 bits in the merge), and a
 row's draw depends only on its seed and its scores, never on the grid or the split count.
 """
 
@@ -89,7 +89,7 @@ def _head_select_norm_kernel(
         y = tl.load(y_ptr + rows[:, None] * stride_y_row + dims[None, :], mask=mask, other=0.0)
         y = y.to(tl.float32)
         sumsq += y * y
-    # rms_norm (models/layers.py): x * rsqrt(mean(x^2) + eps) in float32, cast, then times the weight in
+    # ops.rms_norm: x * rsqrt(mean(x^2) + eps) in float32, cast, then times the weight in
     # the input dtype (one more rounding). 1 / sqrt_rn is the correctly rounded pair torch's CPU uses.
     rstd = 1.0 / tl.sqrt_rn(tl.sum(sumsq, axis=1) / dim + eps)
     for d0 in range(0, dim, BLOCK_D):
@@ -201,9 +201,9 @@ def _head_select_scores_kernel(
             )  # the reference's float32 division, bit for bit
         if GUMBEL:
             hashed = _mix32(row_keys[:, None] ^ _mix32(cols[None, :].to(tl.uint32)))
-            uniform = ((hashed >> 8).to(tl.float32) + 0.5) * (
-                1.0 / 16777216.0
-            )  # in (0, 1), 24 bits
+            # 23 bits: (2^23 - 1) + 0.5 is exact in float32, so the uniform stays below 1 (with 24
+            # bits the top hash value's sum rounds up to 2^24, U = 1 and that id's score to +inf).
+            uniform = ((hashed >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             scores = scores - tl.log(-tl.log(uniform))
         scores = tl.where(allowed, scores, float("-inf"))
         scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 == 0.0 for argmax: one key for both

@@ -29,7 +29,9 @@ class Case:
     official-style eager path, which depends only on the fields in ``baseline_key``.
     ``check(point, got, want)`` returns ``None`` when ``got`` matches the reference output ``want``,
     else the reason. ``probe(inputs)`` are the tensors ``resolve_backend`` decides on.
-    ``roof`` names the binding roofline: ``"compute"`` or ``"bandwidth"``.
+    ``roof`` names the binding roofline: ``"compute"`` or ``"bandwidth"``. A case that covers
+    several ops gives each point an ``"op"`` (the name ``resolve_backend`` is asked about; default the
+    case name) and may give it its own ``"roof"``.
     ``other_baselines`` are further reference points timed in the same run (e.g. PyTorch SDPA,
     FlexAttention), same signature as ``baseline``; one that cannot run here raises
     :class:`BaselineUnavailable` and is recorded with the reason.
@@ -59,9 +61,24 @@ class BaselineUnavailable(Exception):
 
 def all_cases() -> dict[str, Case]:
     """Every case by name, in run order."""
-    from benchmarks.cases import block_embed, codebook_argmin, head_select
+    from benchmarks.cases import (
+        attention,
+        block_embed,
+        codebook_argmin,
+        decode_attention,
+        dit_attention,
+        head_select,
+    )
 
-    return {case.name: case for case in (codebook_argmin.CASE, block_embed.CASE, head_select.CASE)}
+    cases = (
+        codebook_argmin.CASE,
+        block_embed.CASE,
+        head_select.CASE,
+        dit_attention.CASE,
+        decode_attention.CASE,
+        attention.CASE,
+    )
+    return {case.name: case for case in cases}
 
 
 def ids_equal(point: Point, got: torch.Tensor, want: torch.Tensor) -> str | None:

@@ -134,7 +134,7 @@ class LinearSelfAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         if self.qk_norm:  # over the full width, before the head split
             q, k = self.q_norm(q), self.k_norm(k)
-        heads = (*x.shape[:2], -1, self.head_dim)
+        heads = (*x.shape[:2], -1, self.head_dim)  # per-head views: the op takes any strides
         out = ops.linear_attention(q.view(heads), k.view(heads), v.view(heads))
         return self.proj(out.flatten(2))
 

@@ -1,10 +1,15 @@
-"""Building blocks shared by the Kelix models: RMSNorm, SwiGLU MLP and rotate-half RoPE."""
+"""Building blocks shared by the Kelix models: RMSNorm, SwiGLU MLP and rotate-half RoPE (from ops)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kelix_fast import ops
+from kelix_fast.ops.rms_norm import rotate_half_rope
+
+__all__ = ["RMSNorm", "SwiGLU", "Table", "rms_norm", "rotate_half_rope"]
 
 
 class RMSNorm(nn.Module):
@@ -24,9 +29,7 @@ class RMSNorm(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight``: normalised in float32, scaled in x's dtype."""
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return normed.to(x.dtype) * weight
+    return ops.rms_norm(x, weight, eps=eps)
 
 
 class SwiGLU(nn.Module):
@@ -40,17 +43,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs ``(j, j + d/2)`` by angle ``a_j`` in float32, then cast back to ``x.dtype``.
-
-    x: [..., d]; cos, sin: [..., d/2] float32, broadcastable to x's leading dims.
-    (The non-interleaved layout of both the Qwen3 RoPE and the flash-attn 2-D RoPE of the ViT.)
-    """
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Table(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 from kelix_fast import ops
 from kelix_fast.config import LLMConfig
 from kelix_fast.models.kv_cache import KVCache
-from kelix_fast.models.layers import RMSNorm, SwiGLU, Table, rotate_half_rope
+from kelix_fast.models.layers import RMSNorm, SwiGLU, Table
 
 
 def rope_tables(
@@ -40,10 +40,12 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache, layer: int, q_start, kv_lens) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, length, self.num_heads, -1))
-        k = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, -1))
+        # QK-norm and RoPE in one pass per tensor (ops.rms_norm with rope).
+        q = self.q_proj(x).view(batch, length, self.num_heads, -1)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, -1)
+        q = ops.rms_norm(q, self.q_norm.scale, eps=self.q_norm.eps, rope_cos=cos, rope_sin=sin)
+        k = ops.rms_norm(k, self.k_norm.scale, eps=self.k_norm.eps, rope_cos=cos, rope_sin=sin)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, -1)
-        q, k = rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
         cache.write(layer, k, v, q_start)
         out = ops.cached_attention(
             q, cache.k[layer], cache.v[layer], q_start=q_start, kv_lens=kv_lens, causal=True
@@ -139,7 +141,7 @@ class KelixLLM(nn.Module):
         input plus that output (``num_layers + 1`` tensors, as the official ``hidden_states``).
         """
         pos = q_start[:, None] + torch.arange(x.shape[1], device=x.device)  # [B, T]
-        cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]  # [B, T, 1, d/2]
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, d/2]
         states = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, q_start, kv_lens)

@@ -62,7 +62,7 @@ class VisionAttention(nn.Module):
         q = rotate_half_rope(self.q_proj(x).view(heads), cos, sin)
         k = rotate_half_rope(self.k_proj(x).view(heads), cos, sin)
         v = self.v_proj(x).view(heads)
-        out = ops.attention(q, k, v, cu_seqlens=cu_seqlens, causal=False)
+        out = ops.attention(q, k, v, cu_seqlens=cu_seqlens, mask="bidirectional")
         return self.output_proj(out.flatten(1))
 
 

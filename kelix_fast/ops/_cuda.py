@@ -18,6 +18,12 @@ import torch
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_CODE_DIM = 256  # kf_codebook_argmin: d % 16 == 0 and d <= 256
+# kf_head_select: head rows of D * element size bytes, a multiple of 16 (vector loads) and at most
+# 112 KiB (one row must fit the kernel's shared-memory budget).
+_HEAD_SELECT_MAX_ROW_BYTES = 112 * 1024
+# Rows up to which "auto" prefers kf_head_select: it scores on CUDA cores, and from ~32 rows on the
+# FMAs, not the head's bandwidth, set its pace (csrc/head_select.cu); Triton's tl.dot uses tensor cores.
+_HEAD_SELECT_AUTO_MAX_ROWS = 32
 
 _extension: ModuleType | None = None
 _extension_reason: str | None = None
@@ -84,6 +90,44 @@ def can_run_codebook_argmin(z: torch.Tensor, codebooks: torch.Tensor) -> str | N
 def can_run_block_embed(ids: torch.Tensor, table: torch.Tensor) -> str | None:
     """:func:`can_run_cuda` (the kernel has no shape limits beyond int32 group counts)."""
     return can_run_cuda(ids, table)
+
+
+def can_run_head_select(y: torch.Tensor, head: torch.Tensor) -> str | None:
+    """:func:`can_run_cuda` plus what ``kf_head_select``'s 16-byte head loads need.
+
+    The head's rows must start on 16-byte boundaries (``D * element size`` and the row stride in
+    bytes multiples of 16, an aligned base) and a row may take at most 112 KiB. The request itself
+    (greedy or full-row sampling) is checked by ``ops.head_select``.
+    """
+    reason = can_run_cuda(y, head)
+    if reason is not None:
+        return reason
+    if not hasattr(_C(), "head_select"):
+        return "kelix_fast._C was built before kf_head_select existed (rebuild the extension)"
+    vocab, dim = head.shape
+    size = head.element_size()
+    if dim * size % 16 != 0 or dim * size > _HEAD_SELECT_MAX_ROW_BYTES:
+        return (
+            f"the CUDA kernel needs D * element size a multiple of 16 bytes and at most "
+            f"{_HEAD_SELECT_MAX_ROW_BYTES}, got D={dim} in {head.dtype}"
+        )
+    if head.data_ptr() % 16 != 0 or (vocab > 1 and head.stride(0) * size % 16 != 0):
+        return (
+            f"the CUDA kernel needs 16-byte aligned head rows, got address % 16 = "
+            f"{head.data_ptr() % 16} and a row stride of {head.stride(0) * size} bytes"
+        )
+    return None
+
+
+def auto_can_run_head_select(y: torch.Tensor, head: torch.Tensor) -> str | None:
+    """``auto_can_run`` of the cuda head_select: at most ``_HEAD_SELECT_AUTO_MAX_ROWS`` rows."""
+    rows = y.shape[0]
+    if rows > _HEAD_SELECT_AUTO_MAX_ROWS:
+        return (
+            f"auto picks it for at most {_HEAD_SELECT_AUTO_MAX_ROWS} rows (CUDA-core FMAs; "
+            f"tensor-core kernels are faster above), got M={rows} (ask for it by name)"
+        )
+    return None
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -184,3 +228,61 @@ def block_embed(ids, table, out, q_eos, text_vocab) -> None:
         )
     if target is not out:
         out.copy_(target)
+
+
+def head_select(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, top_p) -> None:
+    """``kf_head_select`` on the tensors of :func:`kelix_fast.ops.head_select`; fills ``ids``.
+
+    ``top_k == 1`` is greedy; any other request reaching here is full-row Gumbel-max sampling (no
+    top-k filter, ``top_p == 1``: ``ops.head_select`` refuses the rest for this backend), so
+    ``top_p`` is not read. Logits are divided by ``temperature + 1e-5`` (rounded to float32, as the
+    reference and the Triton kernel do) when ``temperature > 0``.
+
+    Allocates the workspace (``_C.head_select_workspace_size``: M x D x element size + about 8 KB
+    per row, from the caching allocator, so CUDA graph capture works). Copies (none usually):
+    ``norm_weight`` when not contiguous (D values); ``allowed`` when its [low, high) pairs are not
+    contiguous; ``seeds`` when not contiguous; ``ids`` not contiguous: a temporary copied back.
+    """
+    C = _C()
+    n_rows, dim = y.shape
+    if n_rows == 0:
+        return
+    vocab = head.shape[0]
+    dtype = _dtype_code(y.dtype)
+    norm_weight = norm_weight.contiguous()
+    gumbel = top_k != 1
+    seeds = seeds.contiguous() if gumbel else None
+    ranges = allowed
+    if ranges is not None and ranges.stride(-1) != 1:
+        ranges = ranges.contiguous()
+    out = (
+        ids if ids.is_contiguous() else torch.empty_like(ids, memory_format=torch.contiguous_format)
+    )
+    workspace_size = C.head_select_workspace_size(n_rows, dim, vocab, dtype)
+    workspace = torch.empty(workspace_size, dtype=torch.uint8, device=y.device)
+    with torch.cuda.device(y.device):
+        C.head_select(
+            y.data_ptr(),
+            norm_weight.data_ptr(),
+            head.data_ptr(),
+            0 if ranges is None else ranges.data_ptr(),
+            0 if seeds is None else seeds.data_ptr(),
+            out.data_ptr(),
+            workspace.data_ptr(),
+            workspace_size,
+            n_rows,
+            y.stride(0),
+            dim,
+            vocab,
+            head.stride(0) if vocab > 1 else dim,  # any stride is legal for one row
+            0 if ranges is None else ranges.shape[1],
+            0 if ranges is None else ranges.stride(0),
+            0 if ranges is None else ranges.stride(1),
+            dtype,
+            C.HEAD_SELECT_GUMBEL if gumbel else C.HEAD_SELECT_GREEDY,
+            eps,
+            temperature + 1e-5 if gumbel and temperature > 0 else 1.0,
+            _stream(y.device),
+        )
+    if out is not ids:
+        ids.copy_(out)

@@ -3,12 +3,18 @@
 Each op declares a table ``{backend: Impl}`` in preference order. An explicit backend runs or raises
 :class:`BackendUnavailableError` with the reason; ``"auto"`` takes the first backend that can run and that
 ``"auto"`` may choose (``Impl.auto_can_run``: the Triton interpreter runs only when asked for by name).
+
+:func:`use_backends` turns ``"auto"`` into an explicit choice per op for a scope, so a whole model can run
+through one backend (e.g. the golden tests through the Triton interpreter) without threading a
+``backend`` argument through every layer. An explicit ``backend=`` argument always wins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +22,30 @@ import torch
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 
+_OVERRIDES: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "kelix_fast_backend_overrides", default=()
+)
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this call here; the message says why."""
+
+
+@contextlib.contextmanager
+def use_backends(**choices: str) -> Iterator[None]:
+    """Within this scope, ``backend="auto"`` calls of the named ops run the given backend, e.g.
+    ``use_backends(attention="triton", head_select="torch")``; a call raises if that backend cannot
+    run. ``kelix_fast.ops.use_backends`` also checks the op names."""
+    for op, backend in choices.items():
+        if backend not in BACKENDS or backend == "auto":
+            raise ValueError(
+                f"use_backends: {op} must name one of {list(BACKENDS[1:])}, got {backend!r}"
+            )
+    token = _OVERRIDES.set(tuple({**dict(_OVERRIDES.get()), **choices}.items()))
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
 
 
 @dataclass(frozen=True)
@@ -67,6 +95,8 @@ def pick(op: str, impls: Mapping[str, Impl], backend: str, *tensors: torch.Tenso
     """The implementation of ``op`` to run for ``backend`` on ``tensors``, or raise why there is none."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = dict(_OVERRIDES.get()).get(op, "auto")
     if backend == "auto":
         reasons = []
         for name, impl in impls.items():

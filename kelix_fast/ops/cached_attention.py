@@ -1,7 +1,10 @@
 """``cached_attention``: the queries of each request against its KV cache (prefill, decode, Block Decoder).
 
-Only the PyTorch reference exists so far (the decode kernel comes with the attention issue). GQA without
-expanding K/V: query head ``h`` reads KV head ``h // (H / Hkv)``; scores and softmax are float32.
+GQA without expanding K/V: query head ``h`` reads KV head ``h // (H / Hkv)``; scores and softmax are
+float32. Backends: ``triton`` (``kelix_fast.triton_kernels.decode_attention``: split-K flash-decoding,
+each program reads a K/V tile once for all G query heads of its KV head; chosen by ``"auto"`` for CUDA
+tensors) and ``torch`` (the reference below). Neither reads ``q_start`` or ``kv_lens`` on the host inside
+:func:`kelix_fast.ops.trusted_values` or under CUDA graph capture.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import torch
 
 from kelix_fast.ops import _checks, _dispatch
 from kelix_fast.ops.attention import _check_qkv, _softmax_attention
+
+_TRITON_MAX_HEAD_DIM = 256  # triton_kernels.decode_attention.MAX_HEAD_DIM (triton may be absent)
 
 
 def cached_attention(
@@ -31,7 +36,12 @@ def cached_attention(
 
     Args:
         q: [B, Lq, H, d]; k_cache, v_cache: [B, S, Hkv, d], same dtype and device; H % Hkv == 0.
-        q_start: [B] int64, position of query row 0. kv_lens: [B] int64 in [1, S].
+        q_start: [B] int64 >= 0, position of query row 0. kv_lens: [B] int64 in [1, S].
+        causal: mask keys after each query row's position.
+        scale: softmax scale, default ``d ** -0.5``.
+        backend: ``"auto" | "triton" | "torch"``. See :func:`kelix_fast.ops.resolve_backend`; ``"auto"``
+            picks triton for CUDA tensors it supports (contiguous last dims, d <= 256), else torch.
+            triton on CPU tensors runs only when asked for by name under Triton's interpreter.
 
     Returns:
         [B, Lq, H, d] in the dtype of ``q``.
@@ -44,8 +54,9 @@ def cached_attention(
         _checks.shape(op, name, t, (batch,), "B")
         _checks.dtype(op, name, t, (torch.int64,))
         _checks.same_device(op, q=q, **{name: t})
-    if kv_lens.numel():
-        _checks.ids_in_range(op, "kv_lens", kv_lens, 1, k_cache.shape[1] + 1)
+    _checks.ids_in_range(op, "kv_lens", kv_lens, 1, k_cache.shape[1] + 1)
+    if _checks.values_checked() and q_start.numel() and bool((q_start < 0).any()):
+        raise ValueError(f"{op}: q_start must be >= 0, got {int(q_start.min())}")
     out = torch.empty_like(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = _dispatch.pick(op, _IMPLS, backend, q, k_cache, v_cache)
@@ -66,4 +77,27 @@ def _cached_attention_reference(q, k_cache, v_cache, q_start, kv_lens, causal, s
     out.copy_(_softmax_attention(q, k_cache[:, :span], v_cache[:, :span], mask, scale))
 
 
-_IMPLS = {"torch": _dispatch.Impl(_cached_attention_reference, can_run=_dispatch.always)}
+def _triton(q, k_cache, v_cache, q_start, kv_lens, causal, scale, out) -> None:
+    from kelix_fast.triton_kernels import decode_attention as kernels
+
+    kernels.decode_attention(q, k_cache, v_cache, q_start, kv_lens, out, causal=causal, scale=scale)
+
+
+def _triton_can_run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """needs_triton, a head dim that fits its registers, and a contiguous last dim (any other stride)."""
+    reason = _dispatch.needs_triton(q, k_cache, v_cache)
+    if reason is not None:
+        return reason
+    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+        return f"it supports head dims up to {_TRITON_MAX_HEAD_DIM}, got d={q.shape[-1]}"
+    strided = [name for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))
+               if t.shape[-1] > 1 and t.stride(-1) != 1]  # fmt: skip
+    if strided:
+        return f"it needs a contiguous last dim, got strided {', '.join(strided)}"
+    return None
+
+
+_IMPLS = {
+    "triton": _dispatch.Impl(_triton, can_run=_triton_can_run, auto_can_run=_dispatch.on_cuda),
+    "torch": _dispatch.Impl(_cached_attention_reference, can_run=_dispatch.always),
+}

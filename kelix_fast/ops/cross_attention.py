@@ -1,6 +1,8 @@
 """``cross_attention``: softmax attention of the latent tokens to the padded condition (kelix-dit.md §3.5.2).
 
-Only the PyTorch reference exists so far (a varlen flash kernel comes with the DiT attention issue, §9.5).
+Backends: ``triton`` (``kelix_fast.triton_kernels.cross_attention``: flash-style online softmax that skips
+the key tiles after a sample's last valid key, §9.5) and the PyTorch reference ``torch``; ``"auto"``
+prefers triton for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from kelix_fast.ops import _checks, _dispatch
 
 _OP = "cross_attention"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_MAX_HEAD_DIM = 128  # one [BLOCK_M, d] accumulator and query tile per program
+_TRITON_MAX_BATCH_HEADS = 65535  # B*H is the second grid dimension
 
 # The official additive key-padding bias, (1 - mask) * -10000: finite, so a row whose keys are all masked
-# averages every value instead of producing NaN, and it is rounded to the input dtype (-9984 in bf16).
+# attends to every key as if none were masked instead of producing NaN, and it is rounded to the input
+# dtype (-9984 in bf16).
 MASK_BIAS = -10000.0
 
 
@@ -35,7 +40,13 @@ def cross_attention(
         q: [B, Lq, H, d]; k, v: [B, Lk, H, d]; same float dtype (float32/bfloat16/float16) and device.
         key_mask: [B, Lk] bool, True = valid key (padding rows of the condition are False).
         scale: softmax scale, default ``d ** -0.5``.
-        backend: ``"auto" | "torch"``.
+        backend: ``"auto" | "triton" | "torch"``. ``"auto"`` picks triton for CUDA tensors with
+            d <= 128, else torch; triton on CPU tensors runs only when asked for by name under
+            Triton's interpreter. See :func:`kelix_fast.ops.resolve_backend`. triton reads no key
+            after a sample's last valid key when the sample has one: those keys' weights underflow
+            to exactly 0 in float32, so the result is the reference's while every score lies within
+            about 9,860 of the valid keys' scores and the skipped K/V rows are finite (see
+            ``triton_kernels/cross_attention.py``).
 
     Returns:
         [B, Lq, H, d] in the dtype of ``q``.
@@ -58,11 +69,34 @@ def cross_attention(
     return out
 
 
+def _mask_bias(dtype: torch.dtype) -> float:
+    """MASK_BIAS rounded to ``dtype``, as the official bias tensor holds it (-9984 in bf16)."""
+    return torch.tensor(MASK_BIAS, dtype=dtype).item()
+
+
 def _reference(q, k, v, key_mask, scale, out) -> None:
-    bias = torch.tensor(MASK_BIAS, dtype=q.dtype).float().item()
+    bias = _mask_bias(q.dtype)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
     scores = scores + torch.where(key_mask, 0.0, bias)[:, None, None, :]
     out.copy_(torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()))
 
 
-_IMPLS = {"torch": _dispatch.Impl(_reference, can_run=_dispatch.always)}
+def _triton(q, k, v, key_mask, scale, out) -> None:
+    from kelix_fast.triton_kernels import cross_attention as kernels
+
+    kernels.cross_attention(q, k, v, key_mask, scale, _mask_bias(q.dtype), out)
+
+
+def _can_run_triton(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
+    batch, _, num_heads, head_dim = q.shape
+    if head_dim > _TRITON_MAX_HEAD_DIM:
+        return f"its kernel takes head dims up to {_TRITON_MAX_HEAD_DIM}, got d={head_dim}"
+    if batch * num_heads > _TRITON_MAX_BATCH_HEADS:
+        return f"its grid takes B*H <= {_TRITON_MAX_BATCH_HEADS}, got {batch * num_heads}"
+    return _dispatch.needs_triton(q, *tensors)
+
+
+_IMPLS = {
+    "triton": _dispatch.Impl(_triton, can_run=_can_run_triton, auto_can_run=_dispatch.on_cuda),
+    "torch": _dispatch.Impl(_reference, can_run=_dispatch.always),
+}

@@ -1,9 +1,11 @@
 """``head_select``: final RMSNorm + output head + token selection of the Block Decoder (kelix-ar.md §4.6,
 §5.4-§5.6, §8 #3), without materialising the [M, V] logits in the fused backend.
 
-Backends: ``triton`` (``kelix_fast.triton_kernels.head_select``: vocabulary split across programs, per-split
-keys, a torch merge of the tiny candidate set) and the PyTorch reference ``torch``; ``"auto"`` prefers
-triton for CUDA tensors when it supports the request (see ``backend`` below).
+Backends: ``cuda`` (``csrc/head_select.cu`` through ``kelix_fast._C``: greedy and full-row
+Gumbel-max sampling, the same keys and hash as triton), ``triton``
+(``kelix_fast.triton_kernels.head_select``: vocabulary split across programs, per-split keys, a torch
+merge of the tiny candidate set) and the PyTorch reference ``torch``; ``"auto"`` prefers cuda, then
+triton, for CUDA tensors when they support the request (see ``backend`` below).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kelix_fast.ops import _checks, _dispatch
+from kelix_fast.ops import _checks, _cuda, _dispatch
+from kelix_fast.ops.rms_norm import rms_norm_reference
 
 _OP = "head_select"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,7 +41,7 @@ def head_select(
 ) -> torch.Tensor:
     """One id per row: ``select(filter(RMSNorm(y) @ head^T))``, greedy or sampled.
 
-    ``logits[m] = rms_norm(y[m]) @ head^T`` with ``rms_norm`` of models/layers.py (normalise in float32,
+    ``logits[m] = rms_norm(y[m]) @ head^T`` with ``ops.rms_norm`` (normalise in float32,
     cast to y's dtype, times ``norm_weight`` in that dtype) and a float32 accumulation. The logits stay
     float32: unlike the official bf16 ``F.linear``, they are not rounded to the model dtype, so ties
     that only that rounding creates are not reproduced. Ids outside every ``allowed`` range score -inf.
@@ -47,7 +50,7 @@ def head_select(
     Otherwise one draw per row from ``softmax(filtered_logits(logits))`` with the filters of
     runtime/sampling.py (divide by ``temperature + 1e-5`` when ``temperature > 0``; keep the top-k,
     ties to the lower id; the stricter top-p rule). The reference draws with ``torch.multinomial`` and a
-    ``torch.Generator`` seeded by the row's seed; triton draws by Gumbel-max with a counter-based hash
+    ``torch.Generator`` seeded by (a mix of all 64 bits of) the row's seed; triton draws by Gumbel-max with a counter-based hash
     of (seed, id). Both sample the same distribution, not the same draws; within one backend a row's
     draw depends only on its seed and its logits.
 
@@ -64,11 +67,15 @@ def head_select(
             ``scoring="structured"`` a visual slot passes R = 2: its sub-codebook slice and
             ``[q_eos, q_eos + 1)``. Checking the ranges reads them on the host (one synchronisation,
             skipped inside ``ops.trusted_values()``).
-        backend: ``"auto" | "triton" | "torch"``. See :func:`kelix_fast.ops.resolve_backend`; ``"auto"``
-            picks triton for CUDA tensors when the request is supported (greedy; full-row sampling
-            with ``top_p == 1`` and no top-k filter; or at most 64 candidates: ``0 < top_k <= 64``, or
-            V <= 64), else torch. triton on CPU tensors runs only when asked for by name under
-            Triton's interpreter. ``resolve_backend`` decides on the tensors only (a greedy request).
+        backend: ``"auto" | "cuda" | "triton" | "torch"``. See
+            :func:`kelix_fast.ops.resolve_backend`; ``"auto"`` picks cuda for CUDA tensors when
+            kelix_fast._C is built, the request is greedy or full-row sampling (``top_p == 1``, no
+            top-k filter), M <= 32 and the head's rows are 16-byte aligned; else triton when the
+            request is supported (greedy; full-row sampling; or at most 64 candidates:
+            ``0 < top_k <= 64``, or V <= 64); else torch. cuda and triton draw the same ids up to
+            float32 rounding of the scores. triton on CPU tensors runs only when asked for by name
+            under Triton's interpreter. ``resolve_backend`` decides on the tensors only (a greedy
+            request).
 
     Returns:
         ids: [M] int64 vocabulary ids.
@@ -149,12 +156,6 @@ def _check_allowed(allowed: torch.Tensor, y: torch.Tensor, vocab: int) -> None:
         raise ValueError(f"{_OP}: allowed must leave at least one id per row, row {row} has none")
 
 
-def _rms_norm(y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """models/layers.py ``rms_norm`` (ops sit below models, so it is restated here)."""
-    yf = y.float()
-    return (yf * torch.rsqrt(yf.square().mean(-1, keepdim=True) + eps)).to(y.dtype) * weight
-
-
 def _filtered(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """runtime/sampling.py ``filtered_logits`` on float32 [M, V] (the tests hold the two equal)."""
     x = logits / (temperature + 1e-5) if temperature > 0 else logits
@@ -173,7 +174,7 @@ def _filtered(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 
 
 def _reference(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, top_p) -> None:
-    normed = _rms_norm(y, norm_weight, eps).float()
+    normed = rms_norm_reference(y, norm_weight, eps).float()
     logits = torch.cat([F.linear(normed, chunk.float()) for chunk in head.split(_VOCAB_CHUNK)], -1)
     if allowed is not None:
         vocab_ids = torch.arange(head.shape[0], device=y.device)
@@ -184,8 +185,15 @@ def _reference(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_
         return
     probs = torch.softmax(_filtered(logits, temperature, top_k, top_p), dim=-1)
     for m, seed in enumerate(seeds.tolist()):
-        generator = torch.Generator(device=y.device).manual_seed(seed)
+        generator = torch.Generator(device=y.device).manual_seed(_generator_seed(seed))
         ids[m] = torch.multinomial(probs[m], 1, generator=generator)[0]
+
+
+def _generator_seed(seed: int) -> int:
+    """An int64 row seed -> a generator seed whose low 32 bits depend on all 64 (torch's CPU mt19937
+    uses only the low 32 bits, so seeds differing in their high half would otherwise draw alike)."""
+    seed &= 2**64 - 1
+    return seed ^ ((seed >> 32) * 0x9E3779B97F4A7C15 & (2**64 - 1))
 
 
 def _triton(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, top_p) -> None:
@@ -216,15 +224,40 @@ def _triton_request(vocab: int, top_k: int, top_p: float) -> str | None:
     )
 
 
+def _cuda_request(vocab: int, top_k: int, top_p: float) -> str | None:
+    """Why the CUDA kernel cannot honour this request, or None (greedy or full-row Gumbel-max)."""
+    if top_k == 1 or (not 0 < top_k < vocab and top_p == 1.0):
+        return None
+    return (
+        f"it implements greedy (top_k=1) and full-row sampling (no top-k filter, top_p=1) only, "
+        f"got top_k={top_k}, top_p={top_p}, V={vocab}"
+    )
+
+
 def _request_impls(vocab: int, top_k: int, top_p: float) -> dict[str, _dispatch.Impl]:
-    reason = _triton_request(vocab, top_k, top_p)
-    if reason is None:
+    """``_IMPLS``, each backend that cannot honour the request replaced by a refusal saying why."""
+    reasons = {
+        "cuda": _cuda_request(vocab, top_k, top_p),
+        "triton": _triton_request(vocab, top_k, top_p),
+    }
+    if all(reason is None for reason in reasons.values()):
         return _IMPLS
-    refuse = _dispatch.Impl(_triton, can_run=lambda *_: reason)
-    return {name: refuse if name == "triton" else impl for name, impl in _IMPLS.items()}
+    return {
+        name: impl if reasons.get(name) is None else _refusal(impl, reasons[name])
+        for name, impl in _IMPLS.items()
+    }
+
+
+def _refusal(impl: _dispatch.Impl, reason: str) -> _dispatch.Impl:
+    return _dispatch.Impl(impl.run, can_run=lambda *_: reason)
 
 
 _IMPLS = {
+    "cuda": _dispatch.Impl(
+        _cuda.head_select,
+        can_run=_cuda.can_run_head_select,
+        auto_can_run=_cuda.auto_can_run_head_select,
+    ),
     "triton": _dispatch.Impl(
         _triton, can_run=_dispatch.needs_triton, auto_can_run=_dispatch.on_cuda
     ),

@@ -1,6 +1,8 @@
 """``linear_attention``: SANA ReLU linear attention ("LiteLA"), the Kelix-DiT self-attention (kelix-dit.md §3.5.1).
 
-Only the PyTorch reference exists so far (the fused kernel comes with the DiT attention issue, §9.5).
+Backends: ``triton`` (``kelix_fast.triton_kernels.linear_attention``: a split token reduction to float32
+partial states, then one pass over the queries, §9.5) and the PyTorch reference ``torch``; ``"auto"``
+prefers triton for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from kelix_fast.ops import _checks, _dispatch
 
 _OP = "linear_attention"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_MAX_HEAD_DIM = 128  # the kernels hold a [d, d] float32 state per program
 
 
 def linear_attention(
@@ -34,7 +37,9 @@ def linear_attention(
         q, k, v: [B, N, H, d], same float dtype (float32/bfloat16/float16) and device. The layout of a
             ``[B, N, H*d]`` projection viewed per head (channel ``c`` is head ``c // d``); any strides.
         eps: added to the denominator (1e-8 in the DiT, 1e-15 in the DC-AE).
-        backend: ``"auto" | "torch"``.
+        backend: ``"auto" | "triton" | "torch"``. ``"auto"`` picks triton for CUDA tensors with
+            d <= 128, else torch; triton on CPU tensors runs only when asked for by name under
+            Triton's interpreter. See :func:`kelix_fast.ops.resolve_backend`.
 
     Returns:
         [B, N, H, d] in the dtype of ``q`` (computed in float32, rounded once).
@@ -64,4 +69,19 @@ def _reference(q, k, v, eps, out) -> None:
     out.copy_(numerator / (denominator + eps))
 
 
-_IMPLS = {"torch": _dispatch.Impl(_reference, can_run=_dispatch.always)}
+def _triton(q, k, v, eps, out) -> None:
+    from kelix_fast.triton_kernels import linear_attention as kernels
+
+    kernels.linear_attention(q, k, v, eps, out)
+
+
+def _can_run_triton(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
+    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+        return f"its kernels take head dims up to {_TRITON_MAX_HEAD_DIM}, got d={q.shape[-1]}"
+    return _dispatch.needs_triton(q, *tensors)
+
+
+_IMPLS = {
+    "triton": _dispatch.Impl(_triton, can_run=_can_run_triton, auto_can_run=_dispatch.on_cuda),
+    "torch": _dispatch.Impl(_reference, can_run=_dispatch.always),
+}

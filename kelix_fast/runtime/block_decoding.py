@@ -110,7 +110,13 @@ def decode_blocks(
         for row in range(n):
             for t in torch.nonzero(groups[row, :-1] == NOT_GENERATED).flatten().tolist():
                 groups[row, t] = select(constant_row, params, [generators[row]])[0]
+    return close_blocks(groups, q_eos), chain
+
+
+def close_blocks(groups: torch.Tensor, q_eos: int) -> torch.Tensor:
+    """Sampled slots [n, G+1] (-1 where none) -> blocks: the last slot and every slot from the first
+    end-of-block on set to ``q_eos`` (kelix-ar.md §5.6)."""
     groups = groups.clone()
     groups[:, -1] = q_eos
     after_eob = torch.cumsum(groups == q_eos, dim=1) > 0
-    return groups.masked_fill(after_eob, q_eos), chain
+    return groups.masked_fill(after_eob, q_eos)

@@ -1,9 +1,13 @@
-"""Next-Block-Prediction generation (kelix-ar.md §5.5) and the official full-sequence forwards.
+"""The reference Next-Block-Prediction loop (kelix-ar.md §5.5) and the official full-sequence forwards.
 
 Generation: one prefill of every prompt (right-padded into one batch, each request at its own positions),
 the Block Decoder on each request's last position only, then one LLM step per new block with the KV cache.
 A request stops when a generated block (the first one included) has ``<|im_end|>`` in slot 0, or after
 ``max_new_blocks`` blocks; it gives the same result whatever shares its batch.
+
+:func:`generate_reference` is driven from the host (logits materialised, a synchronisation per Block
+Decoder step, ``torch.Generator`` draws): it runs the official ``_sample_group`` sampler and is the
+specification the engine's loop (runtime/device_decoding.py) is tested against.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class RequestOutput:
     hidden: torch.Tensor | None
 
 
-def _prefill(
+def prefill(
     model: KelixARModel, prompts: Sequence[torch.Tensor], capacity: int, *, hidden_states: bool
 ):
     """Right-pad the prompts [L_b, G+1] into one batch and run the LLM over them, filling a new cache."""
@@ -53,7 +57,7 @@ def _prefill(
     return h, states, cache, lengths
 
 
-def generate(
+def generate_reference(
     model: KelixARModel,
     prompts: Sequence[torch.Tensor],
     *,
@@ -73,7 +77,7 @@ def generate(
     eos = model.config.llm.eos_token_id
     timer = StageTimer(timings, prompts[0].device)
     capacity = max(p.shape[0] for p in prompts) + max_new_blocks - 1
-    h, _, cache, lengths = _prefill(model, prompts, capacity, hidden_states=False)
+    h, _, cache, lengths = prefill(model, prompts, capacity, hidden_states=False)
     rows = torch.arange(len(prompts), device=h.device)
     last = h[rows, lengths - 1]
     hidden = [[h[b, : p.shape[0]]] if return_hidden_states else [] for b, p in enumerate(prompts)]
@@ -119,7 +123,7 @@ def forward_teacher_forced(
     Hidden states: the embeddings, then every layer's output (the last before the final norm).
     """
     llm, batch, length = model.llm, groups.shape[0], groups.shape[1]
-    _, states, _, _ = _prefill(model, list(groups), length, hidden_states=True)
+    _, states, _, _ = prefill(model, list(groups), length, hidden_states=True)
     slots = llm.slot_embeddings(groups).roll(-1, dims=1)  # [B, L, G, D]
     x = torch.cat([states[-1][:, :, None], slots], dim=2).flatten(0, 1)  # [B*L, G+1, D]
     y = model.block_decoder(x, model.block_decoder.new_cache(x.shape[0]), start=0)
@@ -135,7 +139,7 @@ def forward_greedy_blocks(
     emits end-of-block or after ``max_length - 1`` steps (golden README quirk 7), so K is shared.
     """
     q_eos, (batch, length) = model.config.llm.q_eos_token, groups.shape[:2]
-    _, states, _, _ = _prefill(model, list(groups), length, hidden_states=True)
+    _, states, _, _ = prefill(model, list(groups), length, hidden_states=True)
     steps = run_chain(
         model,
         states[-1].flatten(0, 1),

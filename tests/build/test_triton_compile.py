@@ -27,6 +27,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kelix_fast.triton_kernels import block_embed, codebook_argmin, head_select
+from kelix_fast.triton_kernels import cross_attention, linear_attention
+from kelix_fast.triton_kernels import flash_attention
+from kelix_fast.triton_kernels import decode_attention
+from kelix_fast.triton_kernels import rms_norm
 
 def codebook_config(dtype, exact):
     block_n, block_k, num_warps = codebook_argmin._BLOCKS[
@@ -62,12 +66,102 @@ def head_select_scores_config(dtype, mode):
     return (f"head_select-{mode}-{dtype}", head_select._head_select_scores_kernel, pointers, scalars,
             constexprs, num_warps)
 
-TRITON_TYPES = {"bfloat16": "*bf16", "float32": "*fp32", "int64": "*i64"}
+def linear_attention_config(dtype, phase):
+    # Full scale: d = 32 (70 heads); the head-dim strides are 1, which a launch specializes.
+    if phase == "state":
+        kernel = linear_attention._linear_attention_state_kernel
+        pointers = {"k_ptr": dtype, "v_ptr": dtype, "kv_ptr": "float32", "z_ptr": "float32"}
+        constexprs = {"stride_k_d": 1, "stride_v_d": 1, "UPCAST_DOT": False}
+    else:
+        kernel = linear_attention._linear_attention_out_kernel
+        pointers = {"q_ptr": dtype, "kv_ptr": "float32", "z_ptr": "float32", "out_ptr": dtype}
+        constexprs = {"stride_q_d": 1, "stride_out_d": 1, "BF16_BY_BITS": False}
+    constexprs |= {"BLOCK_N": linear_attention._BLOCK_N, "BLOCK_D": 32}
+    return (f"linear_attention-{phase}-{dtype}", kernel, pointers, {"eps": "fp32"}, constexprs,
+            linear_attention._NUM_WARPS)
+
+def cross_attention_config(dtype):
+    # Full scale: d = 112 padded to BLOCK_D 128 (20 heads), Lk <= 720 (one scan step).
+    block_m, block_n, num_warps = cross_attention.blocks(getattr(cross_attention.torch, dtype), False)
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "mask_ptr": "uint8", "out_ptr": dtype}
+    constexprs = {"stride_q_d": 1, "stride_k_d": 1, "stride_v_d": 1, "stride_mask_l": 1,
+                  "stride_out_d": 1, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 128,
+                  "SCAN_BLOCK": 1024, "UPCAST_DOT": False, "BF16_BY_BITS": False}
+    scalars = {"scale": "fp32", "mask_bias": "fp32"}
+    return (f"cross_attention-{dtype}", cross_attention._cross_attention_kernel, pointers, scalars,
+            constexprs, num_warps)
+
+FLASH_MASKS = {"bidirectional": flash_attention.BIDIRECTIONAL, "causal": flash_attention.CAUSAL,
+               "block_causal": flash_attention.KEY_END}  # block-causal runs on per-row key ends
+
+def flash_attention_config(dtype, head_dim, mask, key_mask=0, max_seqlen=4096):
+    # LLM prefill: hd 128 (H 32 / Hkv 8); ViT: hd 72 padded to BLOCK_D 128; packed Block Decoder
+    # sequences: max_seqlen 9 (16 x 16 tiles). key_mask 2 is the biased key mask (natural-unit scores).
+    block_m, block_n, num_warps = flash_attention.blocks(dtype == "float32", head_dim, max_seqlen, False)
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "cu_seqlens_ptr": "int32",
+                "key_end_ptr": "int32", "key_mask_ptr": "bool", "out_ptr": dtype}
+    constexprs = {"stride_q_d": 1, "stride_k_d": 1, "stride_v_d": 1, "stride_o_d": 1,
+                  "MASK": FLASH_MASKS[mask], "KEY_MASK": key_mask,
+                  "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                  "BLOCK_D": flash_attention.block_d(head_dim), "UPCAST_DOT": False, "BF16_BY_BITS": False}
+    name = (f"flash_attention-{mask.replace('_', '-')}{'-keybias' if key_mask else ''}-{dtype}-hd{head_dim}"
+            f"{'-short' if max_seqlen < block_m else ''}")
+    return name, flash_attention._flash_attention_kernel, pointers, {"qk_scale": "fp32", "masked_bias": "fp32"}, constexprs, num_warps
+
+DECODE_SHAPES = {"decode": (1, 1, 32, 8, 128, 4096), "prefill": (1, 2048, 32, 8, 128, 4096),
+                 "block_decoder": (64, 1, 4, 4, 128, 9)}  # (B, Lq, H, Hkv, d, S)
+
+def decode_attention_config(dtype, shape):
+    # Qwen3 decode (G=4, 64 splits), prefill (one split, 64-row tiles), Block Decoder step (G=1, S=9).
+    batch, q_len, heads, kv_heads, dim, cache_len = DECODE_SHAPES[shape]
+    plan = decode_attention.plan(batch, q_len, heads, kv_heads, cache_len, dim,
+                                 getattr(decode_attention.torch, dtype))
+    split = plan["num_splits"] > 1
+    part = "float32" if split else dtype  # with one split the partial pointers are the output
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "q_start_ptr": "int64",
+                "kv_lens_ptr": "int64", "out_ptr": dtype, "part_o_ptr": part, "part_lse_ptr": part}
+    constexprs = {"GROUP": heads // kv_heads, "CAUSAL": True, "SPLIT": split, "BLOCK_M": plan["block_m"],
+                  "BLOCK_N": plan["block_n"], "BLOCK_D": plan["block_d"], "UPCAST_DOT": False,
+                  "BF16_BY_BITS": False}
+    return (f"decode_attention-{shape}-{dtype}", decode_attention._decode_attention_kernel, pointers,
+            {"qk_scale": "fp32"}, constexprs, plan["num_warps"])
+
+def decode_attention_merge_config(dtype):
+    plan = decode_attention.plan(*DECODE_SHAPES["decode"], getattr(decode_attention.torch, dtype))
+    pointers = {"part_o_ptr": "float32", "part_lse_ptr": "float32", "out_ptr": dtype}
+    constexprs = {"BLOCK_ROWS": 1, "BLOCK_SPLITS": triton.next_power_of_2(plan["num_splits"]),
+                  "BLOCK_D": plan["block_d"], "BF16_BY_BITS": False}
+    return (f"decode_attention-merge-{dtype}", decode_attention._decode_attention_merge_kernel, pointers,
+            {}, constexprs, decode_attention._MERGE_WARPS)
+
+def rms_norm_config(dtype, dim, rope):
+    # The LLM's residual-stream norm (D 4096) and its fused QK-norm + RoPE (head dim 128).
+    pointers = {"x_ptr": dtype, "w_ptr": dtype, "out_ptr": dtype, "cos_ptr": "float32", "sin_ptr": "float32"}
+    block_d = dim // 2 if rope else dim
+    constexprs = {"BLOCK_ROWS": rms_norm._BLOCK_ROWS, "BLOCK_D": block_d, "ROPE": rope, "BF16_BY_BITS": False}
+    return (f"rms_norm-{'rope-' if rope else ''}{dtype}", rms_norm._rms_norm_kernel, pointers,
+            {"eps": "fp32"}, constexprs, 4 if block_d <= 1024 else 8)
+
+TRITON_TYPES = {"bfloat16": "*bf16", "float32": "*fp32", "int64": "*i64", "uint8": "*u8", "int32": "*i32",
+                "bool": "*i1"}
 configs = [codebook_config(dtype, exact) for dtype in ("bfloat16", "float32") for exact in (False, True)]
 configs += [block_embed_config(dtype) for dtype in ("bfloat16", "float32")]
 configs += [head_select_norm_config(dtype) for dtype in ("bfloat16", "float32")]
 configs += [head_select_scores_config(dtype, mode) for dtype in ("bfloat16", "float32")
             for mode in ("greedy", "gumbel", "candidates")]
+configs += [linear_attention_config(dtype, phase) for dtype in ("bfloat16", "float32")
+            for phase in ("state", "out")]
+configs += [cross_attention_config(dtype) for dtype in ("bfloat16", "float32")]
+configs += [flash_attention_config(dtype, head_dim, mask) for dtype in ("bfloat16", "float32")
+            for head_dim in (72, 128) for mask in ("causal", "block_causal")]
+configs += [flash_attention_config("bfloat16", 72, "bidirectional"),
+            flash_attention_config("bfloat16", 128, "causal", key_mask=2),
+            flash_attention_config("bfloat16", 128, "causal", max_seqlen=9)]
+configs += [decode_attention_config(dtype, shape) for dtype in ("bfloat16", "float32")
+            for shape in DECODE_SHAPES]
+configs += [decode_attention_merge_config(dtype) for dtype in ("bfloat16", "float32")]
+configs += [rms_norm_config(dtype, dim, rope) for dtype in ("bfloat16", "float32")
+            for dim, rope in ((4096, False), (128, True))]
 for name, kernel, pointers, scalars, constexprs, num_warps in configs:
     signature = {}
     for arg in kernel.arg_names:
@@ -88,10 +182,15 @@ for name, kernel, pointers, scalars, constexprs, num_warps in configs:
         "name": name, "seconds": round(time.perf_counter() - start, 2),
         "target": ".target sm_90a" in ptx, "cubin_bytes": len(compiled.asm.get("cubin", b"")),
         "wgmma": "wgmma" in ptx, "mma": "mma" in ptx, "tf32": ".tf32" in ptx,
+        "shared_bytes": compiled.metadata.shared,
     }), flush=True)
 """
 
 CONFIGS = [
+    "rms_norm-bfloat16",
+    "rms_norm-float32",
+    "rms_norm-rope-bfloat16",
+    "rms_norm-rope-float32",
     "codebook_argmin-bfloat16-reference",
     "codebook_argmin-bfloat16-exact",
     "codebook_argmin-float32-reference",
@@ -106,6 +205,31 @@ CONFIGS = [
     "head_select-greedy-float32",
     "head_select-gumbel-float32",
     "head_select-candidates-float32",
+    "linear_attention-state-bfloat16",
+    "linear_attention-out-bfloat16",
+    "linear_attention-state-float32",
+    "linear_attention-out-float32",
+    "cross_attention-bfloat16",
+    "cross_attention-float32",
+    "flash_attention-causal-bfloat16-hd72",
+    "flash_attention-block-causal-bfloat16-hd72",
+    "flash_attention-causal-bfloat16-hd128",
+    "flash_attention-block-causal-bfloat16-hd128",
+    "flash_attention-causal-float32-hd72",
+    "flash_attention-block-causal-float32-hd72",
+    "flash_attention-causal-float32-hd128",
+    "flash_attention-block-causal-float32-hd128",
+    "flash_attention-bidirectional-bfloat16-hd72",
+    "flash_attention-causal-keybias-bfloat16-hd128",
+    "flash_attention-causal-bfloat16-hd128-short",
+    "decode_attention-decode-bfloat16",
+    "decode_attention-prefill-bfloat16",
+    "decode_attention-block_decoder-bfloat16",
+    "decode_attention-decode-float32",
+    "decode_attention-prefill-float32",
+    "decode_attention-block_decoder-float32",
+    "decode_attention-merge-bfloat16",
+    "decode_attention-merge-float32",
 ]
 
 
@@ -157,3 +281,42 @@ def test_head_select_numerics_on_hopper(compiled: dict[str, dict]) -> None:
         fact = compiled[f"head_select-{mode}-bfloat16"]
         assert fact["wgmma"] or fact["mma"], f"head_select-{mode}-bfloat16: no tensor-core MMA"
         assert not compiled[f"head_select-{mode}-float32"]["tf32"]
+
+
+def test_dit_attention_numerics_on_hopper(compiled: dict[str, dict]) -> None:
+    # bf16 tiles run on tensor cores; float32 inputs and the float32 state stay IEEE (no TF32), as the
+    # references' float32 einsums do.
+    for name in ("linear_attention-state-bfloat16", "cross_attention-bfloat16"):
+        assert compiled[name]["wgmma"] or compiled[name]["mma"], f"{name}: no tensor-core MMA"
+    for name in CONFIGS:
+        if name.startswith(("linear_attention", "cross_attention")):
+            assert not compiled[name]["tf32"], f"{name}: TF32 in the PTX"
+
+
+def test_flash_attention_on_hopper(compiled: dict[str, dict]) -> None:
+    # bf16 tiles run on tensor cores, float32 stays IEEE (the tests' tight float32 tolerance), and every
+    # tile configuration fits Hopper's 227 KB of shared memory per block (a launch would fail otherwise).
+    for name in CONFIGS:
+        if name.startswith("flash_attention"):
+            fact = compiled[name]
+            if name.endswith("-short"):  # 16-row tiles: below wgmma's 64, Ampere-style mma
+                assert fact["mma"], f"{name}: no tensor-core MMA"
+            elif "bfloat16" in name:
+                assert fact["wgmma"], f"{name}: no wgmma"
+            else:
+                assert not fact["tf32"], f"{name}: TF32 in the PTX"
+            assert fact["shared_bytes"] <= 232448, (
+                f"{name}: {fact['shared_bytes']} bytes of shared memory"
+            )
+
+
+def test_decode_attention_on_hopper(compiled: dict[str, dict]) -> None:
+    # bf16 tiles run on tensor cores (mma at the 16-row decode tiles, wgmma at 64-row prefill tiles),
+    # float32 stays IEEE (no TF32), and every tile fits Hopper's 227 KB of shared memory per block.
+    for shape in ("decode", "prefill", "block_decoder"):
+        fact = compiled[f"decode_attention-{shape}-bfloat16"]
+        assert fact["wgmma"] or fact["mma"], f"{shape}-bfloat16: no tensor-core MMA"
+        assert not compiled[f"decode_attention-{shape}-float32"]["tf32"]
+    for name in CONFIGS:
+        if name.startswith("decode_attention"):
+            assert compiled[name]["shared_bytes"] <= 232448, f"{name}: too much shared memory"

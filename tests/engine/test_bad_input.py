@@ -122,6 +122,25 @@ def test_generate_rejects_a_prompt_longer_than_the_context(tiny):
             ValueError,
             "seed must be None, an int or a list of 1 ints",
         ),
+        ({"max_new_blocks": 1, "seed": -1}, ValueError, r"seed must lie in \[0, 2\^31\), got -1"),
+        ({"max_new_blocks": 1, "seed": 2**31}, ValueError, r"seed must lie in \[0, 2\^31\)"),
+        (
+            {"max_new_blocks": 1, "top_k": [1, 2]},
+            ValueError,
+            r"top_k must be one value or 1 values \(one per request\), got 2 values",
+        ),
+        ({"max_new_blocks": 1, "scoring": "fast"}, ValueError, "scoring must be one of"),
+        (
+            {"max_new_blocks": 1, "cuda_graphs": True},
+            ValueError,
+            "cuda_graphs=True needs the model on a CUDA device",
+        ),
+        ({"max_new_blocks": 1, "cuda_graphs": 1}, TypeError, "cuda_graphs must be None or a bool"),
+        (
+            {"max_new_blocks": 1, "sampler": "reference", "scoring": "structured"},
+            ValueError,
+            'sampler="reference" scores the full vocabulary',
+        ),
     ],
 )
 def test_generate_rejects_bad_generation_arguments(tiny, kwargs, error, match):
@@ -191,3 +210,10 @@ def test_constructor_rejects_unknown_modes():
         presets.tiny(vq="fast")
     with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
         presets.tiny(dtype=torch.int8)
+
+
+def test_reference_sampler_takes_one_set_of_parameters(tiny):
+    with pytest.raises(
+        ValueError, match='sampler="reference" takes one set of sampling parameters'
+    ):
+        tiny.generate([PROMPT, PROMPT], max_new_blocks=1, top_k=[1, 5], sampler="reference")

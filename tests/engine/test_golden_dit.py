@@ -6,6 +6,7 @@ meta.json and the model config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kelix_fast import KelixDiT, dit_position_args
+from kelix_fast import KelixDiT, dit_position_args, ops
 from kelix_fast.models.dit import DiTCondition
 from tests.engine.tolerances import assert_close
 
@@ -77,18 +78,27 @@ def test_connector_and_null_condition_match_golden(golden_dit, load_fixture):
     assert torch.equal(uncond_mask.float(), fx["mask"][0].reshape(1, -1))
 
 
-def test_forward_matches_every_recorded_tensor(golden_dit, load_fixture, preset):
+# "triton": the linear- and cross-attention kernels (under Triton's interpreter on CPU) inside the
+# whole forward, on the fixture's right-padded CFG condition.
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_forward_matches_every_recorded_tensor(golden_dit, load_fixture, preset, backend):
     fx = load_fixture("dit_forward")
     latent_pos, cond_pos = _forward_positions(fx, preset)
-    velocity, inter = golden_dit(
-        fx["x"],
-        fx["timestep"],
-        fx["y"],
-        fx["mask"].reshape(fx["mask"].shape[0], -1),
-        cond_positions=cond_pos,
-        latent_positions=latent_pos,
-        return_intermediates=True,
+    scope = (
+        ops.use_backends(linear_attention="triton", cross_attention="triton")
+        if backend == "triton"
+        else contextlib.nullcontext()
     )
+    with scope:
+        velocity, inter = golden_dit(
+            fx["x"],
+            fx["timestep"],
+            fx["y"],
+            fx["mask"].reshape(fx["mask"].shape[0], -1),
+            cond_positions=cond_pos,
+            latent_positions=latent_pos,
+            return_intermediates=True,
+        )
     assert_close(inter.t_emb, fx["t_emb"], "t_emb")
     assert_close(inter.t_block, fx["t_block"], "t_block")
     assert_close(inter.y_embedder_out, fx["y_embedder_out"], "y_embedder_out")

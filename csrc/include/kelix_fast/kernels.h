@@ -10,8 +10,9 @@
 
 /* Bumped on every change to this header's declarations; kf_api_version() returns the value the
  * library was built with, so an embedder can compare it with the header it compiled against. */
-#define KF_API_VERSION 2
+#define KF_API_VERSION 3
 
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -135,6 +136,81 @@ typedef struct {
  * KF_ERR_UNSUPPORTED for another dtype; KF_ERR_CUDA when the launch fails. Empty work returns
  * KF_OK. Asynchronous on stream. */
 KF_API kf_status kf_block_embed(const kf_block_embed_params* params, kf_stream stream);
+
+/* ----------------------------------------------------------------------------------------------
+ * head_select: final RMSNorm + output head + token selection of the Block Decoder (kelix-ar.md
+ * sections 4.6, 5.6, 8 #3), without an [n_rows, vocab] logits matrix in memory.
+ *
+ *   u[r]         = T(T(y[r] * rstd) * norm_weight),  rstd = 1 / sqrt_rn(mean_f32(y[r]^2) + eps)
+ *                  (kelix_fast.ops.rms_norm: float32, rounded to T, times the weight in T)
+ *   logits[r, v] = sum_d u[r, d] * head[v, d]        accumulated in float32
+ *   score[r, v]  = KF_HEAD_SELECT_GREEDY: logits[r, v]
+ *                  KF_HEAD_SELECT_GUMBEL: logits[r, v] / logit_divisor - log(-log(U(r, v)))
+ *                  and -inf for every v outside the row's ranges (when ranges are given)
+ *   ids[r]       = argmax_v score[r, v], the lowest v among equal maxima (-0.0 equals 0.0)
+ *
+ * U(r, v) = ((h >> 8) + 0.5) / 2^24 with h = mix32(key_r ^ mix32(v)), mix32 the lowbias32 hash
+ * and key_r = mix32(lo32(seed_r) ^ mix32(hi32(seed_r) ^ 0x9E3779B9)): the counter-based uniforms
+ * of the Triton backend (kelix_fast/triton_kernels/head_select.py, row_keys and _mix32), so both
+ * backends draw the same ids up to float32 rounding of the scores. The Gumbel-max draw samples
+ * softmax(logits / logit_divisor) over the allowed ids (no top-k or top-p filter). U is formed in
+ * float32 as Triton does: for h >> 8 = 2^24 - 1 the sum rounds up to 2^24, U = 1 and that id
+ * scores +inf (probability 2^-24 per id, ~1.3% of rows at V = 217,472). */
+typedef enum { KF_HEAD_SELECT_GREEDY = 0, KF_HEAD_SELECT_GUMBEL = 1 } kf_head_select_mode;
+
+typedef struct {
+  const void* y;           /* [n_rows, dim], dtype; row stride y_row_stride, last dim contiguous */
+  const void* norm_weight; /* [dim] contiguous, dtype */
+  const void* head;        /* [vocab, dim], dtype; row stride head_row_stride, last dim contiguous;
+                              16-byte aligned rows (see below) */
+  const int64_t* ranges;   /* [n_rows, n_ranges, 2] half-open id ranges [low, high) with
+                              0 <= low <= high <= vocab; strides ranges_row_stride and
+                              ranges_range_stride, each [low, high] pair contiguous. NULL (with
+                              n_ranges = 0) allows every id */
+  const int64_t* seeds;    /* [n_rows] contiguous; read in KF_HEAD_SELECT_GUMBEL mode only */
+  int64_t* ids;            /* [n_rows] contiguous, out */
+  void* workspace;         /* kf_head_select_workspace_size() bytes, 16-byte aligned */
+  size_t workspace_size;   /* bytes available at workspace */
+  int64_t n_rows;
+  int64_t y_row_stride;        /* elements between rows of y, >= 0 (0 broadcasts one row) */
+  int64_t vocab;               /* 1 .. 2^31 - 1 */
+  int64_t head_row_stride;     /* elements between rows of head, >= 0 */
+  int64_t ranges_row_stride;   /* elements between rows of ranges, >= 0 */
+  int64_t ranges_range_stride; /* elements between the ranges of one row, >= 0 */
+  int32_t dim;                 /* D >= 1 */
+  int32_t n_ranges;            /* ranges per row, >= 0; 0 when ranges is NULL */
+  kf_dtype dtype; /* of y, norm_weight and head: KF_DTYPE_BFLOAT16, _FLOAT16 or _FLOAT32 */
+  kf_head_select_mode mode;
+  float eps;           /* RMSNorm epsilon, finite, >= 0 */
+  float logit_divisor; /* KF_HEAD_SELECT_GUMBEL: finite, > 0 (1 for no temperature scaling;
+                          the runtime passes temperature + 1e-5 rounded to float) */
+} kf_head_select_params;
+
+/* Workspace bytes kf_head_select needs for these sizes (the normed rows and one int64 key per
+ * row and vocabulary slice: n_rows * dim * sizeof(T) + about 8 KiB per row).
+ *
+ * Args: bytes: out, written only on KF_OK. Returns KF_ERR_INVALID_ARGUMENT for a NULL bytes,
+ * n_rows < 0, dim < 1 or vocab outside 1 .. 2^31 - 1; KF_ERR_UNSUPPORTED for another dtype or a
+ * dim kf_head_select does not take (see there). Never touches CUDA. */
+KF_API kf_status kf_head_select_workspace_size(int64_t n_rows, int32_t dim, int64_t vocab,
+                                               kf_dtype dtype, size_t* bytes);
+
+/* Fills params->ids: three launches on stream (RMSNorm pre-pass, split-vocabulary scoring, a
+ * per-row merge), no allocation, no synchronization, nothing sized from tensor values.
+ *
+ * Vocabulary slices that no row may pick (outside every row's ranges) are never read. Rows are
+ * scored in chunks of at most 16 whose normed rows fit in 112 KiB of shared memory; chunks of
+ * the same slice are launched side by side so that they share the head's reads in L2. Tuned for
+ * n_rows <= 32 (CUDA-core FMAs; see csrc/head_select.cu), correct for any n_rows.
+ * Returns KF_ERR_INVALID_ARGUMENT for a NULL params, negative sizes or strides, vocab outside
+ * 1 .. 2^31 - 1, eps or logit_divisor out of range; when n_rows > 0 also for a NULL or
+ * misaligned pointer, ranges NULL with n_ranges > 0 (or the reverse) and a workspace smaller
+ * than kf_head_select_workspace_size; KF_ERR_UNSUPPORTED for another dtype or mode, dim *
+ * sizeof(T) not a multiple of 16 or above 112 KiB, head or head_row_stride * sizeof(T) not
+ * 16-byte aligned (the kernel's vector loads); KF_ERR_CUDA when a launch fails. The ranges'
+ * values are the caller's to validate. n_rows == 0 returns KF_OK and launches nothing.
+ * Asynchronous on stream. */
+KF_API kf_status kf_head_select(const kf_head_select_params* params, kf_stream stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

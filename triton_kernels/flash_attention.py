@@ -1,0 +1,375 @@
+"""Flash attention over packed variable-length sequences with block-structured masks (``ops.attention``).
+
+One program owns BLOCK_M query rows of one sequence and one query head, and streams the keys of that
+sequence through an online softmax (running max ``m``, running sum ``l``, float32 accumulator), so the
+[T, T] scores never exist in memory. Query head ``h`` reads KV head ``h // (H / Hkv)``: K/V are never
+expanded. Scores are in base 2 (``qk_scale`` is pre-multiplied by log2 e), except with a key bias, where
+they stay in natural units (see ``_attend_key_tile``).
+
+Every mask of the op is "query row ``i`` sees the keys ``j < key_end(i)`` of its sequence" (positions
+relative to the sequence start), optionally intersected with a per-key mask:
+
+* ``BIDIRECTIONAL``: ``key_end(i) = len``;
+* ``CAUSAL``: ``key_end(i) = i + 1``;
+* ``KEY_END``: ``key_end(i)`` read from a per-row table (block-causal: the end of ``i``'s block).
+
+``key_end`` never decreases along a sequence, so for the tile of rows ``[m0, m1)`` the keys below
+``key_end(m0)`` are visible to every row: the whole key tiles below it run without the structure mask
+(first loop), the tiles from there up to ``key_end(m1 - 1)`` run with it (second loop: the causal
+diagonal, the block edges, the sequence end), and the keys beyond are never read. Keys of another sequence are never read (every load is masked to the sequence).
+
+A row whose keys are all excluded (only possible with a key mask without bias) has ``l = 0`` and
+outputs zeros. The grid is (query tiles of every sequence x heads), sized from ``max_seqlen`` without
+reading ``cu_seqlens`` on the host; programs past the end of their sequence return at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rounding import cast_rne, interpreted
+
+# Structure masks (the MASK constexpr).
+BIDIRECTIONAL = 0
+CAUSAL = 1
+KEY_END = 2
+# Key masks (the KEY_MASK constexpr): none, False keys excluded, False keys biased.
+_NO_KEY_MASK = 0
+_KEY_MASK_EXCLUDE = 1
+_KEY_MASK_BIAS = 2
+
+MAX_HEAD_DIM = 256  # BLOCK_D is the head dim rounded up to a power of two, at least _MIN_DOT_DIM
+_MIN_DOT_DIM = 16  # the smallest K-dim of tl.dot
+_LOG2E = tl.constexpr(math.log2(math.e))
+
+# (BLOCK_M, BLOCK_N, num_warps) on a GPU, keyed by (float32 inputs, BLOCK_D). Hopper: hd 128 in bf16
+# takes 128 x 64 tiles over 8 warps (96 KB of shared memory in the sm_90a build; tests/build checks
+# that every configuration fits). Float32 tiles are twice the bytes and run the IEEE FMA path, hence
+# the smaller tiles. Not tuned on a GPU yet.
+_BLOCKS = {
+    (False, 16): (128, 64, 4),
+    (False, 32): (128, 64, 4),
+    (False, 64): (128, 64, 4),
+    (False, 128): (128, 64, 8),
+    (False, 256): (64, 32, 8),
+    (True, 16): (64, 32, 4),
+    (True, 32): (64, 32, 4),
+    (True, 64): (64, 32, 4),
+    (True, 128): (32, 32, 4),
+    (True, 256): (16, 32, 4),
+}
+# A padded 16-bit head dim (ViT 72, or 112 -> BLOCK_D 128) holds 128-wide registers for less useful
+# work: half the query rows, 4 warps.
+_PADDED_128 = (64, 64, 4)
+# Under the interpreter every (program x loop iteration) costs milliseconds: few, wide tiles. BLOCK_M
+# differs from BLOCK_N so that the tests see tile edges that do not line up.
+INTERPRETER_BLOCKS = (64, 32)
+
+
+def block_d(head_dim: int) -> int:
+    return max(_MIN_DOT_DIM, triton.next_power_of_2(head_dim))
+
+
+def blocks(
+    float32: bool, head_dim: int, max_seqlen: int, interpreter: bool
+) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of a launch.
+
+    Tiles are never taller or wider than the longest sequence rounded up to a power of two (at least
+    16): packed 9-slot Block Decoder sequences take 16 x 16 tiles instead of wasting 127 of 128 rows.
+    """
+    width = block_d(head_dim)
+    if interpreter:
+        block_m, block_n, num_warps = (*INTERPRETER_BLOCKS, 4)
+    elif not float32 and width == 128 and head_dim != width:
+        block_m, block_n, num_warps = _PADDED_128
+    else:
+        block_m, block_n, num_warps = _BLOCKS[(float32, width)]
+    fit = max(_MIN_DOT_DIM, triton.next_power_of_2(max_seqlen))
+    if fit < block_m:
+        block_m, num_warps = fit, min(num_warps, 4)
+    return block_m, min(block_n, fit), num_warps
+
+
+@triton.jit
+def _attend_key_tile(
+    acc,  # [BLOCK_M, BLOCK_D] float32
+    l_i,  # [BLOCK_M] float32
+    m_i,  # [BLOCK_M] float32
+    q,  # [BLOCK_M, BLOCK_D], float32 under UPCAST_DOT
+    k_ptrs,  # [BLOCK_D, BLOCK_N] pointers of this tile's keys (transposed)
+    v_ptrs,  # [BLOCK_N, BLOCK_D] pointers of this tile's values
+    k_dim_ok,  # [BLOCK_D, 1] bool: the real head dims
+    v_dim_ok,  # [1, BLOCK_D] bool
+    key_mask_ptr,  # key 0 of the sequence (KEY_MASK only)
+    n0,  # first key of the tile, relative to the sequence start
+    seq_len,
+    row_end,  # [BLOCK_M] int32: row i sees keys j < row_end[i] (MASKED only)
+    qk_scale,
+    masked_bias,
+    MASKED: tl.constexpr,  # apply row_end and the sequence end (the diagonal and last tiles)
+    KEY_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+):
+    """One key tile of the online softmax: returns the updated (acc, l, m).
+
+    The tiles of the first loop lie inside the sequence and are seen whole by every row: their loads
+    and scores need no key mask. UPCAST_DOT (the interpreter, whose bf16 dot is garbage: TOOLCHAIN.md
+    trap 2) multiplies float32 copies; on a GPU bf16/fp16 tiles run on tensor cores and float32 stays
+    IEEE (no TF32).
+    """
+    keys = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        key_ok = keys < seq_len
+        k_mask = k_dim_ok & key_ok[None, :]
+        v_mask = key_ok[:, None] & v_dim_ok
+    else:
+        k_mask = k_dim_ok
+        v_mask = v_dim_ok
+    k_t = tl.load(k_ptrs, mask=k_mask, other=0.0)
+    if UPCAST_DOT:
+        k_t = k_t.to(tl.float32)
+    scores = tl.dot(q, k_t, input_precision="ieee") * qk_scale
+    if KEY_MASK != 0:
+        if MASKED:
+            keep = tl.load(key_mask_ptr + keys, mask=key_ok, other=0) != 0
+        else:
+            keep = tl.load(key_mask_ptr + keys) != 0
+        if KEY_MASK == 1:
+            scores = tl.where(keep[None, :], scores, float("-inf"))
+        else:
+            scores = tl.where(keep[None, :], scores, scores + masked_bias)
+    if MASKED:
+        scores = tl.where(keys[None, :] < row_end[:, None], scores, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    # A row with no visible key so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if KEY_MASK == 2:
+        # Natural units: s + bias rounds as in the reference, and the difference to the max is taken
+        # before the scaling to base 2. A row whose keys are all biased sits near the bias (-10000,
+        # where float32 values are 1e-3 apart): scaling first would round every score there again.
+        p = tl.exp2((scores - m_base[:, None]) * _LOG2E)
+        alpha = tl.exp2((m_i - m_base) * _LOG2E)
+    else:
+        p = tl.exp2(scores - m_base[:, None])
+        alpha = tl.exp2(m_i - m_base)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    # P in the value dtype (rounded to nearest even), as flash attention feeds the tensor cores.
+    if v.dtype != tl.float32:
+        p = cast_rne(p, v.dtype, BF16_BY_BITS)
+    if UPCAST_DOT:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _flash_attention_kernel(
+    q_ptr,  # [T, H, HEAD_DIM]
+    k_ptr,  # [T, Hkv, HEAD_DIM]
+    v_ptr,  # [T, Hkv, HEAD_DIM]
+    cu_seqlens_ptr,  # [num_seqs + 1] int32/int64
+    key_end_ptr,  # [T] int32, relative to the sequence start (MASK == KEY_END only)
+    key_mask_ptr,  # [T] bool (KEY_MASK only)
+    out_ptr,  # [T, H, HEAD_DIM], output
+    num_seqs,
+    num_tiles,  # query tiles of the longest sequence
+    num_heads,
+    group_size,  # H / Hkv
+    qk_scale,  # scale * log2(e); scale when KEY_MASK == 2 (natural units)
+    masked_bias,  # the key bias (KEY_MASK == 2 only)
+    stride_q_t,
+    stride_q_h,
+    stride_q_d,
+    stride_k_t,
+    stride_k_h,
+    stride_k_d,
+    stride_v_t,
+    stride_v_h,
+    stride_v_d,
+    stride_o_t,
+    stride_o_h,
+    stride_o_d,
+    MASK: tl.constexpr,
+    KEY_MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+):
+    # One flat axis (CUDA's y/z grid axes stop at 65535): heads vary fastest, so the query heads of one
+    # KV head run side by side and share its K/V in L2; the last query tiles (the most keys under a
+    # causal mask) are launched first.
+    pid = tl.program_id(0)
+    head = pid % num_heads
+    rest = pid // num_heads
+    seq = rest % num_seqs
+    tile = num_tiles - 1 - rest // num_seqs
+    seq_start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_seqlens_ptr + seq + 1) - seq_start).to(tl.int32)
+    m0 = tile * BLOCK_M
+    if m0 >= seq_len:
+        return
+
+    kv_head = (head // group_size).to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)  # relative to the sequence start
+    row_ok = rows < seq_len
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    local = tl.arange(0, BLOCK_M)
+    q_tile = q_ptr + (seq_start + m0) * stride_q_t + head.to(tl.int64) * stride_q_h
+    q = tl.load(
+        q_tile + local[:, None] * stride_q_t + dims[None, :] * stride_q_d,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    k_ptrs = (
+        k_ptr + seq_start * stride_k_t + kv_head * stride_k_h
+        + cols[None, :] * stride_k_t + dims[:, None] * stride_k_d
+    )  # fmt: skip
+    v_ptrs = (
+        v_ptr + seq_start * stride_v_t + kv_head * stride_v_h
+        + cols[:, None] * stride_v_t + dims[None, :] * stride_v_d
+    )  # fmt: skip
+    k_dim_ok = dim_ok[:, None]
+    v_dim_ok = dim_ok[None, :]
+    key_mask_seq = key_mask_ptr + seq_start
+
+    last_row = tl.minimum(m0 + BLOCK_M, seq_len) - 1
+    if MASK == 0:  # BIDIRECTIONAL
+        row_end = tl.zeros([BLOCK_M], tl.int32) + seq_len
+        first_end = seq_len
+        tile_end = seq_len
+    elif MASK == 1:  # CAUSAL
+        row_end = rows + 1
+        first_end = m0 + 1
+        tile_end = last_row + 1
+    else:  # KEY_END
+        key_end_seq = key_end_ptr + seq_start
+        row_end = tl.load(key_end_seq + rows, mask=row_ok, other=0)
+        first_end = tl.load(key_end_seq + m0)
+        tile_end = tl.load(key_end_seq + last_row)
+    full_end = (first_end // BLOCK_N) * BLOCK_N  # key tiles every row of the tile sees entirely
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # The tile pointers advance by one tile per iteration (64-bit pointer adds of a small step: long
+    # packs never overflow an int32 offset); the second loop continues where the first stopped.
+    k_step = BLOCK_N * stride_k_t
+    v_step = BLOCK_N * stride_v_t
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, k_dim_ok, v_dim_ok, key_mask_seq,
+            n0, seq_len, row_end, qk_scale, masked_bias,
+            False, KEY_MASK, BLOCK_N, UPCAST_DOT, BF16_BY_BITS,
+        )  # fmt: skip
+        k_ptrs += k_step
+        v_ptrs += v_step
+    for n0 in range(full_end, tile_end, BLOCK_N):
+        acc, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, k_dim_ok, v_dim_ok, key_mask_seq,
+            n0, seq_len, row_end, qk_scale, masked_bias,
+            True, KEY_MASK, BLOCK_N, UPCAST_DOT, BF16_BY_BITS,
+        )  # fmt: skip
+        k_ptrs += k_step
+        v_ptrs += v_step
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0: no visible key, the row is zero
+    out_dtype = out_ptr.dtype.element_ty
+    o_tile = out_ptr + (seq_start + m0) * stride_o_t + head.to(tl.int64) * stride_o_h
+    tl.store(
+        o_tile + local[:, None] * stride_o_t + dims[None, :] * stride_o_d,
+        cast_rne(out, out_dtype, BF16_BY_BITS),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    key_end: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    max_seqlen: int,
+    causal: bool,
+    scale: float,
+    masked_bias: float | None,
+) -> None:
+    """Fill ``out [T, H, d]`` with attention within each packed sequence (``kelix_fast.ops.attention``).
+
+    q [T, H, d], k/v [T, Hkv, d] (any strides), cu_seqlens [n+1] int32/int64 on the same device,
+    ``max_seqlen`` at least the longest sequence. Structure: ``key_end`` [T] int32 (row ``i`` sees the
+    keys ``j < key_end[i]`` of its sequence, non-decreasing along each sequence), else causal or
+    bidirectional. ``key_mask`` [T] bool: False keys are excluded, or get ``masked_bias`` (already
+    rounded to the input dtype) added to their scaled scores. Inputs are validated by the op; nothing
+    here reads a tensor on the host.
+    """
+    tokens, heads, head_dim = q.shape
+    num_seqs = cu_seqlens.shape[0] - 1
+    if tokens == 0 or num_seqs == 0 or max_seqlen == 0:
+        return
+    assert head_dim <= MAX_HEAD_DIM, f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    interpreter = interpreted(_flash_attention_kernel)
+    width = block_d(head_dim)
+    block_m, block_n, num_warps = blocks(
+        q.dtype == torch.float32, head_dim, max_seqlen, interpreter
+    )
+    num_tiles = triton.cdiv(max_seqlen, block_m)
+    programs = num_tiles * num_seqs * heads
+    assert programs < 2**31, f"grid of {programs} programs"
+
+    if key_end is not None:
+        mask = KEY_END
+    else:
+        mask = CAUSAL if causal else BIDIRECTIONAL
+    if key_mask is None:
+        key_mode = _NO_KEY_MASK
+    else:
+        key_mode = _KEY_MASK_EXCLUDE if masked_bias is None else _KEY_MASK_BIAS
+    _flash_attention_kernel[(programs,)](
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens if key_end is None else key_end,  # placeholder pointer, never read
+        cu_seqlens if key_mask is None else key_mask,  # placeholder pointer, never read
+        out,
+        num_seqs,
+        num_tiles,
+        heads,
+        heads // k.shape[1],
+        scale if key_mode == _KEY_MASK_BIAS else scale * _LOG2E.value,
+        0.0 if masked_bias is None else masked_bias,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        MASK=mask,
+        KEY_MASK=key_mode,
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=width,
+        UPCAST_DOT=interpreter,
+        BF16_BY_BITS=interpreter,
+        num_warps=num_warps,
+    )
