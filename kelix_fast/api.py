@@ -463,7 +463,8 @@ class KelixAR:
         batch = len(prompts)
         params = _per_request_params(batch, temperature=temperature, top_k=top_k, top_p=top_p)
         seeds = _request_seeds(seed, batch)
-        graphs = self._check_decode_mode(sampler, scoring, cuda_graphs, params)
+        plan = SelectionPlan(llm, params, scoring=scoring, device=self.device)
+        graphs = self._check_decode_mode(sampler, scoring, cuda_graphs, plan)
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
         placeholders = sum(int((p == llm.image_token_id).sum()) for p in prompts)
@@ -498,7 +499,7 @@ class KelixAR:
                 self.model,
                 groups,
                 max_new_blocks=max_new_blocks,
-                plan=SelectionPlan(self.config.llm, params, scoring=scoring, device=self.device),
+                plan=plan,
                 request_seeds=torch.tensor(seeds, dtype=torch.int64, device=self.device),
                 return_hidden_states=return_hidden_states,
                 cuda_graphs=graphs,
@@ -512,16 +513,16 @@ class KelixAR:
         sampler: str,
         scoring: str,
         cuda_graphs: bool | None,
-        params: list[SamplingParams],
+        plan: SelectionPlan,
     ) -> bool:
         """Whether to use CUDA graphs; raises for combinations the chosen loop cannot run."""
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be None or a bool, got {type(cuda_graphs).__name__}")
         if sampler == "reference":
-            if len(set(params)) > 1:
+            if len(plan.groups) > 1:
                 raise ValueError(
                     'sampler="reference" takes one set of sampling parameters for the whole batch, '
-                    f'got {len(set(params))} different ones (use sampler="sequential")'
+                    f'got {len(plan.groups)} different ones (use sampler="sequential")'
                 )
             if scoring != "full":
                 raise ValueError(
@@ -534,7 +535,17 @@ class KelixAR:
             raise ValueError(
                 f"cuda_graphs=True needs the model on a CUDA device, it is on {self.device}"
             )
-        return self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.device.type != "cuda" or cuda_graphs is False:
+            return False
+        reason = plan.host_bound_reason(self.config.llm.total_vocab)
+        if reason is None:
+            return True
+        if cuda_graphs:
+            raise ValueError(f"cuda_graphs=True needs selection on the device, but {reason}")
+        logger.warning(
+            "kelix_fast: generate runs without CUDA graphs and selects on the host (%s)", reason
+        )
+        return False
 
     def _collate(
         self,

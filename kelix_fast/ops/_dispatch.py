@@ -83,6 +83,13 @@ def needs_triton(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+def head_dim_over(q: torch.Tensor, limit: int) -> str | None:
+    """Part of an attention kernel's probe: its tiles hold a whole head, so ``q.shape[-1] <= limit``."""
+    if q.shape[-1] > limit:
+        return f"its kernel takes head dims up to {limit}, got d={q.shape[-1]}"
+    return None
+
+
 def on_cuda(*tensors: torch.Tensor) -> str | None:
     """``auto_can_run`` of a GPU backend that can also run elsewhere only as a slow test path."""
     if all(t.is_cuda for t in tensors):

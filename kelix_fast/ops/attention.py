@@ -370,9 +370,7 @@ def _triton(q, k, v, cu_seqlens, max_seqlen, spec: _Mask, scale, out) -> None:
 
 
 def _triton_can_run(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
-    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-        return f"its kernel takes head dims up to {_TRITON_MAX_HEAD_DIM}, got d={q.shape[-1]}"
-    return _dispatch.needs_triton(q, *tensors)
+    return _dispatch.head_dim_over(q, _TRITON_MAX_HEAD_DIM) or _dispatch.needs_triton(q, *tensors)
 
 
 _ATTENTION_IMPLS = {

@@ -85,11 +85,11 @@ def _triton(q, k_cache, v_cache, q_start, kv_lens, causal, scale, out) -> None:
 
 def _triton_can_run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
     """needs_triton, a head dim that fits its registers, and a contiguous last dim (any other stride)."""
-    reason = _dispatch.needs_triton(q, k_cache, v_cache)
+    reason = _dispatch.needs_triton(q, k_cache, v_cache) or _dispatch.head_dim_over(
+        q, _TRITON_MAX_HEAD_DIM
+    )
     if reason is not None:
         return reason
-    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-        return f"it supports head dims up to {_TRITON_MAX_HEAD_DIM}, got d={q.shape[-1]}"
     strided = [name for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))
                if t.shape[-1] > 1 and t.stride(-1) != 1]  # fmt: skip
     if strided:

@@ -88,9 +88,10 @@ def _triton(q, k, v, key_mask, scale, out) -> None:
 
 
 def _can_run_triton(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
-    batch, _, num_heads, head_dim = q.shape
-    if head_dim > _TRITON_MAX_HEAD_DIM:
-        return f"its kernel takes head dims up to {_TRITON_MAX_HEAD_DIM}, got d={head_dim}"
+    batch, _, num_heads, _ = q.shape
+    reason = _dispatch.head_dim_over(q, _TRITON_MAX_HEAD_DIM)
+    if reason is not None:
+        return reason
     if batch * num_heads > _TRITON_MAX_BATCH_HEADS:
         return f"its grid takes B*H <= {_TRITON_MAX_BATCH_HEADS}, got {batch * num_heads}"
     return _dispatch.needs_triton(q, *tensors)

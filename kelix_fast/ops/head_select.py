@@ -213,6 +213,12 @@ def _triton(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, 
     )
 
 
+def fused_request_reason(vocab: int, top_k: int, top_p: float) -> str | None:
+    """None when a fused GPU kernel (triton) can honour these sampling parameters, else why not: then
+    only the torch reference can, which materialises the logits and reads the seeds on the host."""
+    return _triton_request(vocab, top_k, top_p)
+
+
 def _triton_request(vocab: int, top_k: int, top_p: float) -> str | None:
     """Why the triton kernels cannot honour this request, or None (they keep <= 64 candidates)."""
     keep = top_k if 0 < top_k < vocab else vocab

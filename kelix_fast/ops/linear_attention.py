@@ -76,9 +76,7 @@ def _triton(q, k, v, eps, out) -> None:
 
 
 def _can_run_triton(q: torch.Tensor, *tensors: torch.Tensor) -> str | None:
-    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-        return f"its kernels take head dims up to {_TRITON_MAX_HEAD_DIM}, got d={q.shape[-1]}"
-    return _dispatch.needs_triton(q, *tensors)
+    return _dispatch.head_dim_over(q, _TRITON_MAX_HEAD_DIM) or _dispatch.needs_triton(q, *tensors)
 
 
 _IMPLS = {

@@ -23,6 +23,7 @@ import torch
 
 from kelix_fast import ops
 from kelix_fast.config import LLMConfig
+from kelix_fast.ops.head_select import fused_request_reason
 from kelix_fast.runtime.sampling import SamplingParams
 
 SCORINGS = ("full", "structured")
@@ -78,6 +79,16 @@ class SelectionPlan:
                 (p, torch.tensor(rows, dtype=torch.int64, device=device))
                 for p, rows in by_params.items()
             ]
+
+    def host_bound_reason(self, vocab: int) -> str | None:
+        """Why some row's selection needs the host (the torch reference of head_select), or None."""
+        for params, _ in self.groups:
+            if params.greedy:
+                continue
+            reason = fused_request_reason(vocab, params.top_k, params.top_p)
+            if reason is not None:
+                return f"top_k={params.top_k}, top_p={params.top_p}: {reason}"
+        return None
 
     def allowed(self, slot: int, first: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """[n, 2, 2] int64 ranges of slot ``slot`` given slot-0 ids first [n] and ended [n] bool."""

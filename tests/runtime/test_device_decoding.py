@@ -141,3 +141,23 @@ def test_cuda_graphs_equal_eager_on_gpu(params):
     assert torch.equal(eager.groups, graphed.groups)
     assert torch.equal(eager.lengths, graphed.lengths)
     assert torch.equal(eager.block_decoder_ids, graphed.block_decoder_ids)
+
+
+def test_plans_that_need_the_host_are_named(tiny):
+    llm = tiny.config.llm
+    on_device = [
+        SamplingParams(top_k=1),
+        SamplingParams(top_k=0),
+        SamplingParams(top_k=50, top_p=0.9),
+    ]
+    plan = SelectionPlan(llm, on_device, scoring="full", device="cpu")
+    assert plan.host_bound_reason(llm.total_vocab) is None
+    host = SelectionPlan(llm, [SamplingParams(top_k=100, top_p=0.5)], scoring="full", device="cpu")
+    assert "top_k=100, top_p=0.5" in host.host_bound_reason(llm.total_vocab)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_refuse_selection_on_the_host():
+    engine = presets.tiny(seed=5, device="cuda")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs selection on the device"):
+        engine.generate(PROMPTS, max_new_blocks=2, top_k=100, top_p=0.5, cuda_graphs=True)
