@@ -38,7 +38,7 @@ from kelix_fast.models.layers import RMSNorm
 from kelix_fast.presets import release_config, tiny_config
 from kelix_fast.runtime import device_decoding
 from kelix_fast.runtime.block_decoding import NOT_GENERATED, close_blocks
-from kelix_fast.runtime.block_selection import SCORINGS, SelectionPlan
+from kelix_fast.runtime.block_selection import SCORINGS
 from kelix_fast.runtime.generation import prefill
 from kelix_fast.runtime.sampling import SamplingParams
 from kelix_fast.runtime.timing import StageTimer
@@ -390,17 +390,17 @@ class _Bench:
             )[0]
         batch = len(prompts)
         greedy = [SamplingParams(top_k=1)] * batch
-        plan = SelectionPlan(self.schedule.config.llm, greedy, scoring=scoring, device=self.device)
-        seeds = torch.zeros(batch, dtype=torch.int64, device=self.device)
 
         def call(n: int, timings: dict[str, float] | None) -> torch.Tensor:
             outputs = device_decoding.generate(
                 self.model,
                 prompts,
                 max_new_blocks=n,
-                plan=plan,
-                request_seeds=seeds,
+                params=greedy,
+                scoring=scoring,
+                request_seeds=[0] * batch,
                 return_hidden_states=False,
+                # Captured once per call (no DecodeStepsCache): the differenced timing cancels it.
                 cuda_graphs=variant == "cuda_graphs",
                 check_every=CHECK_EVERY,
                 timings=timings,

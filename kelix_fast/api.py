@@ -22,7 +22,7 @@ from kelix_fast.models.vae import decode_latents, load_vae
 from kelix_fast.ops.codebook_argmin import MODES as VQ_MODES
 from kelix_fast.processor import IM_START_TOKEN, ImageInput, KelixProcessor, preprocess_image
 from kelix_fast.runtime import device_decoding, generation
-from kelix_fast.runtime.block_selection import SCORINGS, SEED_BITS, SelectionPlan
+from kelix_fast.runtime.block_selection import SCORINGS, SEED_BITS, host_bound_reason
 from kelix_fast.runtime.conditioning import extract_condition, text_to_image_prompt
 from kelix_fast.runtime.flow import sample_latents
 from kelix_fast.runtime.sampling import SAMPLERS, SamplingParams
@@ -71,6 +71,13 @@ class KelixAR:
             raise ValueError(f"KelixAR: vq must be one of {list(VQ_MODES)}, got {vq!r}")
         self.model = model
         self.vq = vq
+        # Captured decode steps (CUDA graphs) kept across generate calls, with their KV caches.
+        self._decode_steps = device_decoding.DecodeStepsCache()
+
+    def release_decode_graphs(self) -> None:
+        """Free the CUDA graphs and KV caches kept from earlier ``generate`` calls (they are rebuilt
+        on demand; at most two shapes are kept)."""
+        self._decode_steps.clear()
 
     # ------------------------------------------------------------------ loading
 
@@ -436,7 +443,10 @@ class KelixAR:
                 (approximate, opt-in: slot t >= 1 of a visual block scores only sub-codebook t and
                 ``q_eos``, kelix-ar.md §7.2; results may differ from ``"full"``).
             cuda_graphs: capture the decode step as a CUDA graph and replay it. None: on for a model on
-                CUDA with ``sampler="sequential"``; True elsewhere raises.
+                CUDA with ``sampler="sequential"`` when every selection runs on the device (else a
+                warning says why not); True where it cannot raises. The batch is padded to a power of
+                two and the graph kept for later calls of the same bucket (the two latest;
+                :meth:`release_decode_graphs` frees them).
             return_hidden_states: also return the last-layer hidden states.
             timings: when given, receives the seconds spent per stage (``vit_vq``, ``prefill``,
                 ``decode``), added to what it holds.
@@ -463,8 +473,7 @@ class KelixAR:
         batch = len(prompts)
         params = _per_request_params(batch, temperature=temperature, top_k=top_k, top_p=top_p)
         seeds = _request_seeds(seed, batch)
-        plan = SelectionPlan(llm, params, scoring=scoring, device=self.device)
-        graphs = self._check_decode_mode(sampler, scoring, cuda_graphs, plan)
+        graphs = self._check_decode_mode(sampler, scoring, cuda_graphs, params)
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
         placeholders = sum(int((p == llm.image_token_id).sum()) for p in prompts)
@@ -499,10 +508,12 @@ class KelixAR:
                 self.model,
                 groups,
                 max_new_blocks=max_new_blocks,
-                plan=plan,
-                request_seeds=torch.tensor(seeds, dtype=torch.int64, device=self.device),
+                params=params,
+                scoring=scoring,
+                request_seeds=seeds,
                 return_hidden_states=return_hidden_states,
                 cuda_graphs=graphs,
+                reuse=self._decode_steps if graphs else None,
                 timings=timings,
                 step_callback=step_callback,
             )
@@ -513,16 +524,16 @@ class KelixAR:
         sampler: str,
         scoring: str,
         cuda_graphs: bool | None,
-        plan: SelectionPlan,
+        params: list[SamplingParams],
     ) -> bool:
         """Whether to use CUDA graphs; raises for combinations the chosen loop cannot run."""
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be None or a bool, got {type(cuda_graphs).__name__}")
         if sampler == "reference":
-            if len(plan.groups) > 1:
+            if len(set(params)) > 1:
                 raise ValueError(
                     'sampler="reference" takes one set of sampling parameters for the whole batch, '
-                    f'got {len(plan.groups)} different ones (use sampler="sequential")'
+                    f'got {len(set(params))} different ones (use sampler="sequential")'
                 )
             if scoring != "full":
                 raise ValueError(
@@ -537,7 +548,7 @@ class KelixAR:
             )
         if self.device.type != "cuda" or cuda_graphs is False:
             return False
-        reason = plan.host_bound_reason(self.config.llm.total_vocab)
+        reason = host_bound_reason(params, self.config.llm.total_vocab)
         if reason is None:
             return True
         if cuda_graphs:

@@ -43,6 +43,16 @@ def slot_seeds(request_seeds: torch.Tensor, block: torch.Tensor, slot: int) -> t
     return (request_seeds << (_BLOCK_BITS + _SLOT_BITS)) | (block << _SLOT_BITS) | slot
 
 
+def host_bound_reason(params: Sequence[SamplingParams], vocab: int) -> str | None:
+    """Why some request's selection needs the host (head_select's torch reference: its logits are
+    materialised and its seeds read on the host, so no CUDA graph can hold it), or None."""
+    for p in dict.fromkeys(params):
+        reason = None if p.greedy else fused_request_reason(vocab, p.top_k, p.top_p)
+        if reason is not None:
+            return f"top_k={p.top_k}, top_p={p.top_p}: {reason}"
+    return None
+
+
 class SelectionPlan:
     """The per-row selection of one generation call over n rows (requests)."""
 
@@ -57,6 +67,7 @@ class SelectionPlan:
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
         self.scoring = scoring
+        self.key = (tuple(params), scoring)  # equal keys build equal plans
         self.q_eos = config.q_eos_token
         self.text_vocab = config.vocab_size
         self.codes = config.codebook_size // config.n_q_tokens  # ids per sub-codebook
@@ -79,16 +90,6 @@ class SelectionPlan:
                 (p, torch.tensor(rows, dtype=torch.int64, device=device))
                 for p, rows in by_params.items()
             ]
-
-    def host_bound_reason(self, vocab: int) -> str | None:
-        """Why some row's selection needs the host (the torch reference of head_select), or None."""
-        for params, _ in self.groups:
-            if params.greedy:
-                continue
-            reason = fused_request_reason(vocab, params.top_k, params.top_p)
-            if reason is not None:
-                return f"top_k={params.top_k}, top_p={params.top_p}: {reason}"
-        return None
 
     def allowed(self, slot: int, first: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """[n, 2, 2] int64 ranges of slot ``slot`` given slot-0 ids first [n] and ended [n] bool."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kelix_fast.models.kelix_ar import KelixARModel
+from kelix_fast.models.kv_cache import KVCache
 from kelix_fast.runtime.block_decoding import decode_blocks, run_chain
 from kelix_fast.runtime.sampling import SamplingParams
 from kelix_fast.runtime.timing import StageTimer
@@ -33,9 +34,15 @@ class RequestOutput:
 
 
 def prefill(
-    model: KelixARModel, prompts: Sequence[torch.Tensor], capacity: int, *, hidden_states: bool
+    model: KelixARModel,
+    prompts: Sequence[torch.Tensor],
+    capacity: int,
+    *,
+    hidden_states: bool,
+    cache: KVCache | None = None,
 ):
-    """Right-pad the prompts [L_b, G+1] into one batch and run the LLM over them, filling a new cache."""
+    """Right-pad the prompts [L_b, G+1] into one batch and run the LLM over them, filling ``cache`` (a
+    new one of ``capacity`` positions when None; else one of that capacity and batch, overwritten)."""
     llm = model.llm
     lengths = torch.tensor([p.shape[0] for p in prompts], device=prompts[0].device)
     batch = torch.full(
@@ -46,7 +53,8 @@ def prefill(
     )
     for b, p in enumerate(prompts):
         batch[b, : p.shape[0]] = p
-    cache = llm.new_cache(len(prompts), capacity)
+    if cache is None:
+        cache = llm.new_cache(len(prompts), capacity)
     h, states = llm(
         llm.embed(batch),
         cache,

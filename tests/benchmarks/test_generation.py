@@ -12,7 +12,6 @@ from benchmarks import generation, run
 from kelix_fast import presets
 from kelix_fast.presets import release_config, tiny_config
 from kelix_fast.runtime import device_decoding
-from kelix_fast.runtime.block_selection import SelectionPlan
 from kelix_fast.runtime.sampling import SamplingParams
 
 CPU = torch.device("cpu")
@@ -26,8 +25,9 @@ def engine_groups(model, prompts, blocks: int, scoring: str = "full") -> list[to
         model,
         prompts,
         max_new_blocks=blocks,
-        plan=SelectionPlan(model.config.llm, greedy, scoring=scoring, device=CPU),
-        request_seeds=torch.zeros(len(prompts), dtype=torch.int64),
+        params=greedy,
+        scoring=scoring,
+        request_seeds=[0] * len(prompts),
         return_hidden_states=False,
         cuda_graphs=False,
     )

@@ -9,7 +9,7 @@ import torch
 
 from kelix_fast import ops, presets
 from kelix_fast.runtime import device_decoding, generation
-from kelix_fast.runtime.block_selection import SelectionPlan, slot_seeds
+from kelix_fast.runtime.block_selection import SelectionPlan, host_bound_reason, slot_seeds
 from kelix_fast.runtime.sampling import SamplingParams
 
 IM_START, IM_END, USER, ASSISTANT, NL = presets.IM_START, presets.IM_END, 872, 77091, 198
@@ -29,17 +29,19 @@ def _groups(engine, prompts):
     return engine._expand(engine._check_prompts(prompts, arg="prompt_ids"), None)
 
 
-def _run(engine, prompts, params, *, seeds=None, scoring="full", check_every=8, blocks=7):
-    plan = SelectionPlan(engine.config.llm, params, scoring=scoring, device=engine.device)
-    seeds = torch.tensor(seeds or [7] * len(prompts))
+def _run(
+    engine, prompts, params, *, seeds=None, scoring="full", check_every=8, blocks=7, reuse=None
+):
     return device_decoding.generate(
         engine.model,
         _groups(engine, prompts),
         max_new_blocks=blocks,
-        plan=plan,
-        request_seeds=seeds,
+        params=params,
+        scoring=scoring,
+        request_seeds=seeds or [7] * len(prompts),
         return_hidden_states=True,
         cuda_graphs=False,
+        reuse=reuse,
         check_every=check_every,
     )
 
@@ -141,19 +143,48 @@ def test_cuda_graphs_equal_eager_on_gpu(params):
     assert torch.equal(eager.groups, graphed.groups)
     assert torch.equal(eager.lengths, graphed.lengths)
     assert torch.equal(eager.block_decoder_ids, graphed.block_decoder_ids)
+    # A later call of the same bucket replays the kept graph with other prompts.
+    others = [PROMPTS[2], PROMPTS[0][:5], PROMPTS[1]]
+    eager = engine.generate(others, max_new_blocks=9, cuda_graphs=False, **kwargs)
+    graphed = engine.generate(others, max_new_blocks=9, cuda_graphs=True, **kwargs)
+    assert len(engine._decode_steps) == 1
+    assert torch.equal(eager.groups, graphed.groups)
+    assert torch.equal(eager.block_decoder_ids, graphed.block_decoder_ids)
 
 
-def test_plans_that_need_the_host_are_named(tiny):
-    llm = tiny.config.llm
+def test_selection_that_needs_the_host_is_named():
+    vocab = 1000
     on_device = [
         SamplingParams(top_k=1),
         SamplingParams(top_k=0),
         SamplingParams(top_k=50, top_p=0.9),
     ]
-    plan = SelectionPlan(llm, on_device, scoring="full", device="cpu")
-    assert plan.host_bound_reason(llm.total_vocab) is None
-    host = SelectionPlan(llm, [SamplingParams(top_k=100, top_p=0.5)], scoring="full", device="cpu")
-    assert "top_k=100, top_p=0.5" in host.host_bound_reason(llm.total_vocab)
+    assert host_bound_reason(on_device, vocab) is None
+    reason = host_bound_reason([SamplingParams(top_k=100, top_p=0.5)], vocab)
+    assert "top_k=100, top_p=0.5" in reason
+
+
+def test_reused_decode_steps_equal_fresh_runs(tiny):
+    """A DecodeStepsCache pads the batch to its bucket and keeps the steps (the graph, on CUDA) for
+    later calls: every call must still equal a run without it, and the cache keeps at most two shapes."""
+    reuse = device_decoding.DecodeStepsCache(max_entries=2)
+    params = [SamplingParams(temperature=0.8, top_k=0)] * 3
+    first = _run(tiny, PROMPTS, params, seeds=[1, 2, 3], reuse=reuse)
+    _assert_same(first, _run(tiny, PROMPTS, params, seeds=[1, 2, 3]))
+    # Same bucket (3 -> 4 rows, capacity 512): the same steps, refilled with other prompts and seeds.
+    others = [PROMPTS[2], PROMPTS[0][:5], PROMPTS[1]]
+    second = _run(tiny, others, params, seeds=[9, 8, 7], reuse=reuse)
+    assert len(reuse) == 1
+    _assert_same(second, _run(tiny, others, params, seeds=[9, 8, 7]))
+    _run(tiny, PROMPTS[:1], params[:1], reuse=reuse)  # another bucket
+    _run(tiny, PROMPTS, [SamplingParams(top_k=1)] * 3, reuse=reuse)  # another plan: evicts one
+    assert len(reuse) == 2
+
+
+def test_buckets():
+    assert device_decoding.DecodeStepsCache.bucket(1, 10, 4096) == (1, 512)
+    assert device_decoding.DecodeStepsCache.bucket(3, 513, 4096) == (4, 1024)
+    assert device_decoding.DecodeStepsCache.bucket(33, 4000, 4096) == (64, 4096)
 
 
 @pytest.mark.gpu
