@@ -5,7 +5,8 @@ fixed ``max_length - 1`` Block Decoder steps with its KV cache, each scored and 
 ``ops.head_select`` (final norm + output head + selection fused, no logits in memory). A row whose block
 has ended keeps running, restricted to ``q_eos`` (see runtime/block_selection.py), so the step has no
 data-dependent control flow: nothing is read back to the host inside it, and on CUDA the whole step is
-captured once as a CUDA graph and replayed. The host checks whether every request has stopped only every
+captured once as a CUDA graph and replayed (:class:`DecodeSteps`; :class:`DecodeStepsCache` keeps the
+graph for later calls of the same batch/capacity bucket). The host checks whether every request has stopped only every
 ``check_every`` steps; a stopped request's later blocks are computed and dropped (its output is cut at its
 first ``<|im_end|>`` group), so results never depend on the batch or on ``check_every``.
 
