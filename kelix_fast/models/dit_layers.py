@@ -14,7 +14,6 @@ from torch import nn
 
 from kelix_fast import ops
 from kelix_fast.config import KelixDiTConfig
-from kelix_fast.models.layers import rms_norm, rotate_half_rope
 
 _LN_EPS = 1e-6  # the affine-free LayerNorms before modulation and cross_attn_x_norm
 _CROSS_NORM_EPS = 1e-5  # cross_norm's q/k RMSNorms: fixed, not norm_eps (§3.5.2)
@@ -34,7 +33,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, eps=self.eps)
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +169,7 @@ class CrossAttention(nn.Module):
             k = self.k_norm(k)
         k = self._heads(k)
         if rope is not None:
-            k = rotate_half_rope(k, *rope)
+            k = ops.rotate_half_rope(k, *rope)
         return k, self._heads(v)
 
     def forward(
@@ -186,7 +185,7 @@ class CrossAttention(nn.Module):
             q = self.q_norm(q)
         q = self._heads(q)
         if rope is not None:
-            q = rotate_half_rope(q, *rope)
+            q = ops.rotate_half_rope(q, *rope)
         return self.proj(ops.cross_attention(q, k, v, key_mask).flatten(2))
 
 

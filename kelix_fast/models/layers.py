@@ -1,4 +1,4 @@
-"""Building blocks shared by the Kelix models: RMSNorm, SwiGLU MLP and rotate-half RoPE (from ops)."""
+"""Building blocks shared by the Kelix models: RMSNorm (through ``ops.rms_norm``), SwiGLU MLP, tables."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kelix_fast import ops
-from kelix_fast.ops.rms_norm import rotate_half_rope
-
-__all__ = ["RMSNorm", "SwiGLU", "Table", "rms_norm", "rotate_half_rope"]
 
 
 class RMSNorm(nn.Module):
@@ -24,12 +21,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.scale, self.eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight``: normalised in float32, scaled in x's dtype."""
-    return ops.rms_norm(x, weight, eps=eps)
+        return ops.rms_norm(x, self.scale, eps=self.eps)
 
 
 class SwiGLU(nn.Module):

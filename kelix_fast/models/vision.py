@@ -14,7 +14,7 @@ from torch import nn
 
 from kelix_fast import ops
 from kelix_fast.config import VisionConfig
-from kelix_fast.models.layers import Table, rotate_half_rope
+from kelix_fast.models.layers import Table
 
 
 class VisionEmbeddings(nn.Module):
@@ -59,8 +59,8 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens) -> torch.Tensor:
         heads = (x.shape[0], self.num_heads, -1)
-        q = rotate_half_rope(self.q_proj(x).view(heads), cos, sin)
-        k = rotate_half_rope(self.k_proj(x).view(heads), cos, sin)
+        q = ops.rotate_half_rope(self.q_proj(x).view(heads), cos, sin)
+        k = ops.rotate_half_rope(self.k_proj(x).view(heads), cos, sin)
         v = self.v_proj(x).view(heads)
         out = ops.attention(q, k, v, cu_seqlens=cu_seqlens, mask="bidirectional")
         return self.output_proj(out.flatten(1))

@@ -214,13 +214,8 @@ def _triton(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, 
 
 
 def fused_request_reason(vocab: int, top_k: int, top_p: float) -> str | None:
-    """None when a fused GPU kernel (triton) can honour these sampling parameters, else why not: then
-    only the torch reference can, which materialises the logits and reads the seeds on the host."""
-    return _triton_request(vocab, top_k, top_p)
-
-
-def _triton_request(vocab: int, top_k: int, top_p: float) -> str | None:
-    """Why the triton kernels cannot honour this request, or None (they keep <= 64 candidates)."""
+    """Why the triton kernels cannot honour this request, or None (they keep <= 64 candidates). Where
+    they cannot, only the torch reference can: it materialises the logits and reads the seeds on the host."""
     keep = top_k if 0 < top_k < vocab else vocab
     if top_k == 1 or (keep == vocab and top_p == 1.0) or keep <= _TRITON_MAX_KEEP:
         return None
@@ -244,7 +239,7 @@ def _request_impls(vocab: int, top_k: int, top_p: float) -> dict[str, _dispatch.
     """``_IMPLS``, each backend that cannot honour the request replaced by a refusal saying why."""
     reasons = {
         "cuda": _cuda_request(vocab, top_k, top_p),
-        "triton": _triton_request(vocab, top_k, top_p),
+        "triton": fused_request_reason(vocab, top_k, top_p),
     }
     if all(reason is None for reason in reasons.values()):
         return _IMPLS

@@ -67,7 +67,6 @@ class SelectionPlan:
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
         self.scoring = scoring
-        self.key = (tuple(params), scoring)  # equal keys build equal plans
         self.q_eos = config.q_eos_token
         self.text_vocab = config.vocab_size
         self.codes = config.codebook_size // config.n_q_tokens  # ids per sub-codebook
