@@ -82,6 +82,7 @@ class SelectionPlan:
         by_params: dict[SamplingParams, list[int]] = {}
         for row, p in enumerate(params):
             by_params.setdefault(p, []).append(row)
+        self.samples = any(not p.greedy for p in by_params)  # else no draw needs a seed
         if len(by_params) == 1:
             self.groups = [(params[0], None)]
         else:
@@ -106,9 +107,12 @@ class SelectionPlan:
         *,
         eps: float,
         allowed: torch.Tensor,
-        seeds: torch.Tensor,
+        seeds: torch.Tensor | None,
     ) -> torch.Tensor:
-        """ids [n] int64 for Block Decoder outputs y [n, D] (final norm + head + selection, fused)."""
+        """ids [n] int64 for Block Decoder outputs y [n, D] (final norm + head + selection, fused).
+
+        ``seeds`` [n] int64 (:func:`slot_seeds`) is required when :attr:`samples`, unused otherwise.
+        """
         ids = None
         for params, rows in self.groups:
             kwargs = {
@@ -122,6 +126,11 @@ class SelectionPlan:
             if ids is None:
                 ids = torch.empty(y.shape[0], dtype=torch.int64, device=y.device)
             ids[rows] = ops.head_select(
-                y[rows], norm_weight, head, allowed=allowed[rows], seeds=seeds[rows], **kwargs
+                y[rows],
+                norm_weight,
+                head,
+                allowed=allowed[rows],
+                seeds=None if seeds is None else seeds[rows],
+                **kwargs,
             )
         return ids

@@ -61,7 +61,7 @@ def decode_block(
             llm.output.weight,
             eps=llm.norm.eps,
             allowed=plan.allowed(t, chain[:, 0], ended),
-            seeds=slot_seeds(request_seeds, block, t),
+            seeds=slot_seeds(request_seeds, block, t) if plan.samples else None,
         )
         chain[:, t] = ids.masked_fill(ended, NOT_GENERATED)
         ended = ended | (ids == q_eos)
