@@ -68,6 +68,7 @@ def all_cases() -> dict[str, Case]:
         decode_attention,
         dit_attention,
         head_select,
+        rms_norm,
     )
 
     cases = (
@@ -77,6 +78,7 @@ def all_cases() -> dict[str, Case]:
         dit_attention.CASE,
         decode_attention.CASE,
         attention.CASE,
+        rms_norm.CASE,
     )
     return {case.name: case for case in cases}
 
@@ -88,3 +90,19 @@ def ids_equal(point: Point, got: torch.Tensor, want: torch.Tensor) -> str | None
         return f"ids {tuple(got.shape)} {got.dtype}, reference {tuple(want.shape)} {want.dtype}"
     differ = int((got != want).sum())
     return None if differ == 0 else f"{differ} of {want.numel()} ids differ from the reference"
+
+
+def within(rtol: float, atol: float) -> Callable[[Point, torch.Tensor, torch.Tensor], str | None]:
+    """The check of the float-returning cases: same shape, and values (as float32) within
+    ``torch.testing.assert_close(rtol, atol)`` of the reference's."""
+
+    def check(point: Point, got: torch.Tensor, want: torch.Tensor) -> str | None:
+        if got.shape != want.shape:
+            return f"shape {tuple(got.shape)}, reference {tuple(want.shape)}"
+        try:
+            torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+        except AssertionError as err:
+            return str(err).splitlines()[0]
+        return None
+
+    return check

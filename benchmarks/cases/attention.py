@@ -35,7 +35,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import BaselineUnavailable, Case, Point, Tensors
+from benchmarks.cases import BaselineUnavailable, Case, Point, Tensors, within
 from kelix_fast import ops
 
 _DTYPE = "bfloat16"
@@ -314,16 +314,9 @@ def flex(point: Point, inputs: Tensors, shared: Tensors) -> torch.Tensor:
     return out[0].transpose(0, 1)
 
 
-def check(point: Point, got: torch.Tensor, want: torch.Tensor) -> str | None:
-    """Within bf16 rounding of the float32 reference: outputs are weighted averages of unit-normal
-    values, so an absolute and relative 2e-2 covers 16-bit GEMMs and probabilities."""
-    if got.shape != want.shape:
-        return f"shape {tuple(got.shape)}, reference {tuple(want.shape)}"
-    try:
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    except AssertionError as err:
-        return str(err).splitlines()[0]
-    return None
+# Within bf16 rounding of the float32 reference: outputs are weighted averages of unit-normal values,
+# so an absolute and relative 2e-2 covers 16-bit GEMMs and probabilities.
+check = within(rtol=2e-2, atol=2e-2)
 
 
 CASE = Case(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cases import BaselineUnavailable, Case, Point, Tensors
+from benchmarks.cases import BaselineUnavailable, Case, Point, Tensors, within
 from kelix_fast import ops
 
 EPS = 1e-8  # the DiT's linear-attention eps
@@ -164,16 +164,9 @@ def sdpa(point: Point, inputs: Tensors, shared: Tensors) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def check(point: Point, got: torch.Tensor, want: torch.Tensor) -> str | None:
-    """Within bf16 rounding of the float32 result: a weighted average of values of order 1, so an
-    absolute 2e-2 covers the 16-bit GEMMs and weights of an eager or flash path."""
-    if got.shape != want.shape:
-        return f"shape {tuple(got.shape)}, reference {tuple(want.shape)}"
-    try:
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    except AssertionError as err:
-        return str(err).splitlines()[0]
-    return None
+# Within bf16 rounding of the float32 result: a weighted average of values of order 1, so an absolute
+# 2e-2 covers the 16-bit GEMMs and weights of an eager or flash path.
+check = within(rtol=2e-2, atol=2e-2)
 
 
 def _probe(inputs: Tensors) -> tuple[torch.Tensor, ...]:
