@@ -164,6 +164,10 @@ class DecodeStepsCache:
     CAPACITY_STEP = 512
 
     def __init__(self, max_entries: int = 2) -> None:
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(
+                f"DecodeStepsCache: max_entries must be an int >= 1, got {max_entries!r}"
+            )
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple, DecodeSteps] = OrderedDict()
 

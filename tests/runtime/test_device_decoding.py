@@ -181,6 +181,12 @@ def test_reused_decode_steps_equal_fresh_runs(tiny):
     assert len(reuse) == 2
 
 
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_decode_steps_cache_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="max_entries must be an int >= 1"):
+        device_decoding.DecodeStepsCache(max_entries=bad)
+
+
 def test_buckets():
     assert device_decoding.DecodeStepsCache.bucket(1, 10, 4096) == (1, 512)
     assert device_decoding.DecodeStepsCache.bucket(3, 513, 4096) == (4, 1024)
