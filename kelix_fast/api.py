@@ -19,7 +19,7 @@ from kelix_fast.config import KelixARConfig
 from kelix_fast.models.dit import KelixDiT
 from kelix_fast.models.kelix_ar import CHECKPOINT_RENAMES, DEAD_TENSORS, KelixARModel
 from kelix_fast.models.vae import decode_latents, load_vae
-from kelix_fast.ops.codebook_argmin import MODES as VQ_MODES
+from kelix_fast.ops.codebook import MODES as VQ_MODES
 from kelix_fast.processor import IM_START_TOKEN, ImageInput, KelixProcessor, preprocess_image
 from kelix_fast.runtime import device_decoding, generation
 from kelix_fast.runtime.block_selection import SCORINGS, SEED_BITS, host_bound_reason

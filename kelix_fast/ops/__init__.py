@@ -1,31 +1,40 @@
 """One function per fused operation, each with its PyTorch reference and a backend table.
 
-Models call these; they never launch kernels themselves (ARCHITECTURE.md, "Ops").
+Models call these; they never launch kernels themselves (ARCHITECTURE.md, "Ops"). Every op takes
+``backend="auto" | "cuda" | "triton" | "torch"``; ``backend="torch"`` is its reference, the readable
+PyTorch code that is the op's spec, and the route by which tests and benchmarks check every kernel.
+
+The ops live in modules named after what they compute, never after an op, so that no function shadows
+a module: ``codebook`` (``codebook_argmin``), ``embedding`` (``block_embed``), ``selection``
+(``head_select``), ``flash_attention`` (``attention``), ``decode_attention`` (``cached_attention``),
+``dit_attention`` (``linear_attention``, ``cross_attention``) and ``norm`` (``rms_norm``,
+``rotate_half_rope``); each kernel file of ``kelix_fast.triton_kernels`` and ``csrc/`` carries the name of
+its op.
 """
 
 import contextlib
 
 import torch
 
-from kelix_fast.ops import _dispatch
-from kelix_fast.ops import attention as _attention
-from kelix_fast.ops import block_embed as _block_embed
-from kelix_fast.ops import cached_attention as _cached_attention
-from kelix_fast.ops import codebook_argmin as _codebook_argmin
-from kelix_fast.ops import cross_attention as _cross_attention
-from kelix_fast.ops import head_select as _head_select
-from kelix_fast.ops import linear_attention as _linear_attention
-from kelix_fast.ops import rms_norm as _rms_norm
+from kelix_fast.ops import (
+    _dispatch,
+    codebook,
+    decode_attention,
+    dit_attention,
+    embedding,
+    flash_attention,
+    norm,
+    selection,
+)
 from kelix_fast.ops._checks import trusted_values
 from kelix_fast.ops._dispatch import BACKENDS, BackendUnavailableError
-from kelix_fast.ops.attention import attention
-from kelix_fast.ops.block_embed import block_embed
-from kelix_fast.ops.cached_attention import cached_attention
-from kelix_fast.ops.codebook_argmin import codebook_argmin
-from kelix_fast.ops.cross_attention import cross_attention
-from kelix_fast.ops.head_select import head_select
-from kelix_fast.ops.linear_attention import linear_attention
-from kelix_fast.ops.rms_norm import rms_norm, rotate_half_rope
+from kelix_fast.ops.codebook import codebook_argmin
+from kelix_fast.ops.decode_attention import cached_attention
+from kelix_fast.ops.dit_attention import cross_attention, linear_attention
+from kelix_fast.ops.embedding import block_embed
+from kelix_fast.ops.flash_attention import attention
+from kelix_fast.ops.norm import rms_norm, rotate_half_rope
+from kelix_fast.ops.selection import head_select
 
 __all__ = [
     "BACKENDS",
@@ -45,14 +54,14 @@ __all__ = [
 ]
 
 _TABLES = {
-    "attention": _attention._ATTENTION_IMPLS,
-    "cached_attention": _cached_attention._IMPLS,
-    "block_embed": _block_embed._IMPLS,
-    "codebook_argmin": _codebook_argmin._IMPLS,
-    "cross_attention": _cross_attention._IMPLS,
-    "head_select": _head_select._IMPLS,
-    "linear_attention": _linear_attention._IMPLS,
-    "rms_norm": _rms_norm._IMPLS,
+    "attention": flash_attention._ATTENTION_IMPLS,
+    "cached_attention": decode_attention._IMPLS,
+    "block_embed": embedding._IMPLS,
+    "codebook_argmin": codebook._IMPLS,
+    "cross_attention": dit_attention._CROSS_IMPLS,
+    "head_select": selection._IMPLS,
+    "linear_attention": dit_attention._LINEAR_IMPLS,
+    "rms_norm": norm._IMPLS,
 }
 
 

@@ -2,7 +2,8 @@
 
 Each op declares a table ``{backend: Impl}`` in preference order. An explicit backend runs or raises
 :class:`BackendUnavailableError` with the reason; ``"auto"`` takes the first backend that can run and that
-``"auto"`` may choose (``Impl.auto_can_run``: the Triton interpreter runs only when asked for by name).
+``"auto"`` may choose (``Impl.auto_can_run``: Triton on CPU tensors, its interpreter, runs only when asked
+for by name).
 
 :func:`use_backends` turns ``"auto"`` into an explicit choice per op for a scope, so a whole model can run
 through one backend (e.g. the golden tests through the Triton interpreter) without threading a
@@ -66,20 +67,14 @@ def always(*_: object) -> None:
 
 
 def needs_triton(*tensors: torch.Tensor) -> str | None:
-    """Probe of the ``triton`` backend: triton importable, and CUDA tensors or the interpreter on.
+    """Probe of the ``triton`` backend: triton importable.
 
-    CPU tensors run only under Triton's interpreter (``TRITON_INTERPRET=1`` before the kernels are
-    imported; a correctness tool at milliseconds per program, never a fast path).
+    CUDA tensors run the compiled kernels; CPU tensors run the same kernels under Triton's interpreter
+    (``kelix_fast.triton_kernels.kernels_for``: a correctness tool at milliseconds per program, never a
+    fast path, so ``"auto"`` never picks it: see :func:`on_cuda`).
     """
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if all(t.is_cuda for t in tensors):
-        return None
-    import triton
-
-    if not triton.knobs.runtime.interpret:
-        devices = sorted({str(t.device) for t in tensors if not t.is_cuda})
-        return f"tensors on {', '.join(devices)} need Triton's interpreter (TRITON_INTERPRET=1)"
     return None
 
 

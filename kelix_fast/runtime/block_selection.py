@@ -23,7 +23,7 @@ import torch
 
 from kelix_fast import ops
 from kelix_fast.config import LLMConfig
-from kelix_fast.ops.head_select import fused_request_reason
+from kelix_fast.ops.selection import fused_request_reason
 from kelix_fast.runtime.sampling import SamplingParams
 
 SCORINGS = ("full", "structured")

@@ -2,9 +2,9 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole GPU pipeline down to
 PTX and cubin (TOOLCHAIN.md) and catches what the interpreter never sees (``tl.dot`` with K < 16, layout
-and shared-memory errors). tests/conftest.py sets TRITON_INTERPRET=1 without CUDA, which turns every
-``@triton.jit`` kernel into an interpreted function that ``ASTSource`` cannot take, so the kernels are
-compiled in one subprocess whose environment has the variable removed.
+and shared-memory errors). ``ASTSource`` takes compiled ``@triton.jit`` functions only, and a
+``TRITON_INTERPRET=1`` in the caller's environment would have made them interpreted at import, so the
+kernels are compiled in one subprocess whose environment has the variable removed.
 """
 
 from __future__ import annotations

@@ -11,18 +11,15 @@ query tiles, and the block sizes 5 and 9 put block edges inside tiles.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 
 import pytest
 import torch
 
-from kelix_fast import ops
+from kelix_fast import ops, triton_kernels
 from kelix_fast.ops import BackendUnavailableError
-
-# ops/__init__ rebinds the name attention to the function; the module holds the reference and checks.
-attention_op = importlib.import_module("kelix_fast.ops.attention")
+from kelix_fast.ops import flash_attention as attention_op
 
 STALE = float("nan")  # rows past the pack
 PACK = [1, 7, 100, 0, 129]
@@ -290,8 +287,8 @@ def test_triton_pack_equals_sequences_one_by_one(mode):
 @pytest.mark.parametrize("blocks", [(16, 64), (32, 16)])
 def test_triton_other_tilings(monkeypatch, blocks):
     """Key tiles wider than the query tiles, and several key tiles per query tile."""
-    from kelix_fast.triton_kernels import flash_attention as kernels
-
+    # The copy the triton backend runs on CPU tensors (kelix_fast.triton_kernels.kernels_for).
+    kernels = triton_kernels.interpreted("flash_attention")
     monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", blocks)
     lengths = [37, 70]
     q, k, v, cu = packed(lengths, 2, 1, 16, seed=8)
@@ -316,7 +313,7 @@ def test_triton_short_sequences_take_small_tiles():
 def test_launcher_fills_poisoned_outputs_of_strided_inputs():
     """Every row of every sequence is written (NaN-poisoned output, a single row, an empty member);
     q/k/v are head slices of one fused [T, H + 2 Hkv, d] projection (strided rows)."""
-    from kelix_fast.triton_kernels import flash_attention as kernels
+    kernels = triton_kernels.interpreted("flash_attention")  # CPU tensors below
 
     lengths = [1, 0, 65, 7]
     gen = torch.Generator().manual_seed(9)

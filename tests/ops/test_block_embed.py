@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kelix_fast import ops
+from kelix_fast import ops, triton_kernels
 
 TEXT_VOCAB, Q_EOS, V, D = 10, 9, 26, 5
 
@@ -97,7 +97,7 @@ def test_bad_ids_are_rejected(table, ids, match):
         ops.block_embed(ids, table, q_eos=Q_EOS, text_vocab=TEXT_VOCAB)
 
 
-# --- the triton backend (the interpreter on CPU: TRITON_INTERPRET=1 from tests/conftest.py) ---------------
+# --- the triton backend (compiled on CUDA tensors, interpreted on CPU tensors) ---------------------------
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -127,14 +127,13 @@ def test_triton_matches_reference(shape, dim, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_launcher_writes_only_its_outputs(dtype, device):
     """Direct launch into a NaN-poisoned strided view; ids and table are strided views as well."""
-    from kelix_fast.triton_kernels import block_embed as kernels
-
     batch, length, dim = 2, 7, 37
     wide_table = torch.randn(V, 2 * dim, generator=torch.Generator().manual_seed(1))
     table = wide_table.to(device, dtype)[:, ::2]
     ids = _random_groups((length, batch), seed=4).to(device).transpose(0, 1)  # [B, L, 9], L-major
     poison = torch.full((batch, length + 1, dim + 3), float("nan"), dtype=dtype, device=device)
     out = poison[:, :length, :dim]
+    kernels = triton_kernels.kernels_for("block_embed", table)
     kernels.block_embed(ids, table, out, q_eos=Q_EOS, text_vocab=TEXT_VOCAB)
     want = ops.block_embed(ids, table, q_eos=Q_EOS, text_vocab=TEXT_VOCAB, backend="torch")
     assert torch.equal(out, want)

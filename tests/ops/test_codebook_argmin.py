@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kelix_fast import ops
+from kelix_fast import ops, triton_kernels
 from kelix_fast.ops import BackendUnavailableError
 
 
@@ -127,6 +127,16 @@ def test_empty_input_gives_empty_ids():
             "z must have the dtype of codebooks",
         ),
         ({"z": torch.zeros(128, 3).T}, "contiguous last dim"),
+        # Mixed dtypes ran on CPU (its layer_norm takes float32 weights for bf16 input) and failed
+        # inside torch on CUDA: refused here, on every device, before any kernel.
+        (
+            {"ln_weight": torch.ones(8, 16, dtype=torch.bfloat16)},
+            r"ln_weight must have the dtype of z \(torch.float32\), got torch.bfloat16",
+        ),
+        (
+            {"ln_bias": torch.zeros(8, 16, dtype=torch.float64)},
+            r"ln_bias must have the dtype of z",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(change, match):
@@ -157,7 +167,7 @@ def test_backends_are_explicit():
         )
 
 
-# --- the triton backend (the interpreter on CPU: TRITON_INTERPRET=1 from tests/conftest.py) ---------------
+# --- the triton backend (compiled on CUDA tensors, interpreted on CPU tensors) ---------------------------
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -200,22 +210,57 @@ def test_triton_matches_reference(n, codes, dim, mode, dtype, device):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# Every (device, backend) that can run codebook_argmin; the GPU ones need a CUDA device.
+BACKEND_DEVICES = [
+    ("cpu", "torch"),
+    ("cpu", "triton"),
+    pytest.param("cuda", "torch", marks=pytest.mark.gpu),
+    pytest.param("cuda", "triton", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
+]
+# Index pairs holding two identical copies of a row's nearest code, against the kernels' tiles: the same
+# tile; the two halves of a CUDA epilogue tile (32 codes each); across 64- and 128-code tile edges;
+# first tile vs the tail tile (K = 1000 is no multiple of 64 or 128); two middle tiles (the pair the
+# first H200 run reported); both in the tail tile.
+TIE_PAIRS = [(0, 1), (31, 32), (63, 64), (127, 128), (5, 999), (500, 888), (970, 998)]
+
+
+def tied_codebooks(z, weight, bias, *, codes, dtype, seed):
+    """[G, K, d] codebooks in which row r's nearest code in group g sits, as two identical copies, at
+    the pair ``TIE_PAIRS[(r + g) % 7]``, and [n, G] the first index of each pair.
+
+    The copies are the row's own float32 LayerNorm output rounded to ``dtype``: distance ~0, while every
+    other code (LayerNormed random, |c|^2 = d) is ~2d away, so every mode and dtype has exactly that
+    tie at its minimum, and the first index of the pair is the only right answer.
+    """
+    groups, dim = weight.shape
+    gen = torch.Generator().manual_seed(seed)
+    codebooks = F.layer_norm(torch.randn(groups, codes, dim, generator=gen), (dim,))
+    first = torch.empty(z.shape[0], groups, dtype=torch.int64)
+    for g in range(groups):
+        u = F.layer_norm(z[:, g * dim : (g + 1) * dim], (dim,), weight[g], bias[g], 1e-5)
+        for row in range(z.shape[0]):
+            pair = TIE_PAIRS[(row + g) % len(TIE_PAIRS)]
+            codebooks[g, list(pair)] = u[row].to(dtype).float()
+            first[row, g] = min(pair)
+    return codebooks.to(dtype), first
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["exact", "reference"])
-@pytest.mark.parametrize("n", [1, 7, 129])
-def test_triton_exact_ties_take_the_first_index(n, mode, device):
-    """Duplicates of the nearest code inside the same 64-code tile and in the next (partial) tile."""
-    z, weight, bias, codebooks = make_codebook_inputs(n, groups=2, codes=67, dim=16, seed=n)
-    nearest = brute_force(z, weight, bias, codebooks, 0) - 67 * torch.arange(2)
-    tied = codebooks.clone()
-    for g in range(2):
-        tied[g, 66] = tied[g, nearest[0, g]]  # next tile
-        tied[g, 63] = tied[g, nearest[-1, g]]  # same tile as a code < 63, or the last of tile 0
-    z, weight, bias, tied = _on(device, torch.float32, z, weight, bias, tied)
-    got = ops.codebook_argmin(z, weight, bias, tied, vocab_offset=0, mode=mode, backend="triton")
-    want = ops.codebook_argmin(z, weight, bias, tied, vocab_offset=0, mode=mode, backend="torch")
-    assert torch.equal(got, want)
-    assert torch.equal(got.cpu(), brute_force(*(t.cpu() for t in (z, weight, bias, tied)), 0))
+def test_exact_duplicate_codes_give_the_first_index_on_every_backend(mode, dtype, device, backend):
+    """8 groups x 7 rows, each with its nearest code duplicated at one of TIE_PAIRS (both orders of
+    original and copy, since the copies are identical): every backend and mode returns the pair's
+    first index, the torch reference's tie rule (kelix-ar.md §3.5)."""
+    groups, codes, dim = 8, 1000, 128
+    z, weight, bias, _ = make_codebook_inputs(len(TIE_PAIRS), groups=groups, dim=dim, seed=21)
+    codebooks, first = tied_codebooks(z, weight, bias, codes=codes, dtype=dtype, seed=22)
+    z, weight, bias = _on(device, dtype, z, weight, bias)
+    ids = ops.codebook_argmin(
+        z, weight, bias, codebooks.to(device), vocab_offset=11, mode=mode, backend=backend
+    )
+    assert ids.cpu().tolist() == (first + 11 + codes * torch.arange(groups)).tolist()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -241,8 +286,6 @@ def test_triton_near_ties_follow_the_float32_distance(device):
 @pytest.mark.parametrize("mode", ["exact", "reference"])
 def test_triton_launcher_fills_only_its_ids_and_reads_strided_rows(mode, dtype, device):
     """Direct launch: ids poisoned with -1 inside a wider buffer, z rows sliced from a NaN-padded tensor."""
-    from kelix_fast.triton_kernels import codebook_argmin as kernels
-
     n, groups = 7, 2
     z, weight, bias, codebooks = _on(
         device, dtype, *make_codebook_inputs(n, groups=groups, codes=100, dim=32, seed=9)
@@ -251,6 +294,7 @@ def test_triton_launcher_fills_only_its_ids_and_reads_strided_rows(mode, dtype, 
     sqnorms = codebooks.float().square().sum(-1)
     buffer = torch.full((n + 3, 2 * groups), -1, dtype=torch.int64, device=device)
     ids = buffer[:n, ::2]  # row stride 2G, group stride 2
+    kernels = triton_kernels.kernels_for("codebook_argmin", z)
     kernels.codebook_argmin(
         wide, weight, bias, codebooks, sqnorms, ids, vocab_offset=7, mode=mode, eps=1e-5
     )
@@ -261,14 +305,17 @@ def test_triton_launcher_fills_only_its_ids_and_reads_strided_rows(mode, dtype, 
     assert bool((buffer[:, 1::2] == -1).all()) and bool((buffer[n:] == -1).all())
 
 
-def test_auto_prefers_triton_only_for_cuda_tensors():
+def test_auto_picks_torch_for_cpu_tensors_and_triton_runs_when_named():
     z, _, _, codebooks = make_codebook_inputs(3)
     assert ops.resolve_backend("codebook_argmin", "auto", z, codebooks) == "torch"
-    # The interpreter (tests/conftest.py) lets an explicit request run on CPU tensors.
+    # Named, triton runs CPU tensors under its interpreter, whether or not CUDA is present.
     assert ops.resolve_backend("codebook_argmin", "triton", z, codebooks) == "triton"
-    if torch.cuda.is_available():
-        cuda = [t.cuda() for t in (z, codebooks)]
-        assert ops.resolve_backend("codebook_argmin", "auto", *cuda) in ("cuda", "triton")
+
+
+@pytest.mark.gpu
+def test_auto_picks_a_kernel_for_cuda_tensors():
+    z, _, _, codebooks = (t.cuda() for t in make_codebook_inputs(3))
+    assert ops.resolve_backend("codebook_argmin", "auto", z, codebooks) in ("cuda", "triton")
 
 
 def test_triton_reference_mode_gives_the_golden_ids(golden_dir):

@@ -56,3 +56,25 @@ def test_trusted_values_skips_only_the_value_checks():
         ops.block_embed(ids, table[None], q_eos=7, text_vocab=5)
     with pytest.raises(ValueError, match="ids must lie in"):  # back on after the scope
         ops.block_embed(ids, table, q_eos=7, text_vocab=5)
+
+
+def test_every_ops_module_imports_as_a_module_and_no_op_shadows_one():
+    """``import kelix_fast.ops.<module> as m`` gives the module (the first H200 run found op functions
+    bound over their own modules' names, so such an import gave the function), and every public op is
+    a function defined in one of those modules."""
+    import importlib
+    import pkgutil
+    import types
+
+    names = [info.name for info in pkgutil.iter_modules(ops.__path__)]
+    assert "codebook" in names and "selection" in names
+    for name in names:
+        module = importlib.import_module(f"kelix_fast.ops.{name}")
+        assert isinstance(module, types.ModuleType)
+        assert getattr(ops, name) is module, f"kelix_fast.ops.{name} is shadowed"
+        exec(f"import kelix_fast.ops.{name} as imported", namespace := {})
+        assert namespace["imported"] is module
+    for op in ops.__all__:
+        value = getattr(ops, op)
+        if isinstance(value, types.FunctionType) and op not in ("resolve_backend", "use_backends"):
+            assert value.__module__.rsplit(".", 1)[-1] in names and op not in names

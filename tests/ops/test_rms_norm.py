@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kelix_fast import ops
-from kelix_fast.ops.rms_norm import rms_norm_reference, rotate_half_rope
+from kelix_fast.ops.norm import rms_norm_reference, rotate_half_rope
 
 BACKENDS = ["torch", "triton"]
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}

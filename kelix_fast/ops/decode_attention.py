@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from kelix_fast import triton_kernels
 from kelix_fast.ops import _checks, _dispatch
-from kelix_fast.ops.attention import _check_qkv, _softmax_attention
+from kelix_fast.ops.flash_attention import _check_qkv, _softmax_attention
 
 _TRITON_MAX_HEAD_DIM = 256  # triton_kernels.decode_attention.MAX_HEAD_DIM (triton may be absent)
 
@@ -78,8 +79,7 @@ def _cached_attention_reference(q, k_cache, v_cache, q_start, kv_lens, causal, s
 
 
 def _triton(q, k_cache, v_cache, q_start, kv_lens, causal, scale, out) -> None:
-    from kelix_fast.triton_kernels import decode_attention as kernels
-
+    kernels = triton_kernels.kernels_for("decode_attention", q)
     kernels.decode_attention(q, k_cache, v_cache, q_start, kv_lens, out, causal=causal, scale=scale)
 
 

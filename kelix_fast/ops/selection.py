@@ -15,8 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kelix_fast import triton_kernels
 from kelix_fast.ops import _checks, _cuda, _dispatch
-from kelix_fast.ops.rms_norm import rms_norm_reference
+from kelix_fast.ops.norm import rms_norm_reference
 
 _OP = "head_select"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -197,8 +198,7 @@ def _generator_seed(seed: int) -> int:
 
 
 def _triton(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, top_p) -> None:
-    from kelix_fast.triton_kernels import head_select as kernels
-
+    kernels = triton_kernels.kernels_for("head_select", y)
     kernels.head_select(
         y,
         norm_weight,

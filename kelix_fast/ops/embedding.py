@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kelix_fast import triton_kernels
 from kelix_fast.ops import _checks, _cuda, _dispatch
 
 _OP = "block_embed"
@@ -23,8 +24,9 @@ def block_embed(
         table: [V, D] float, the embedding table (``tok_embeddings.embed_tokens``).
         q_eos: the end-of-block id. text_vocab: first visual id.
         backend: ``"auto" | "cuda" | "triton" | "torch"``. ``"auto"`` picks cuda (kelix_fast._C built),
-            then triton, for CUDA tensors, and torch otherwise; triton on CPU tensors runs only when asked for by name under Triton's interpreter
-            (``TRITON_INTERPRET=1``, a test path). Both sum the slots left to right in float32.
+            then triton, for CUDA tensors, and torch otherwise; triton on CPU tensors runs only when
+            asked for by name, under Triton's interpreter (a test path). Both sum the slots left to
+            right in float32.
 
     Returns:
         [B, L, D] in the dtype of ``table``; summed in float32 and rounded once.
@@ -57,8 +59,7 @@ def _reference(ids, table, out, q_eos, text_vocab) -> None:
 
 
 def _triton(ids, table, out, q_eos, text_vocab) -> None:
-    from kelix_fast.triton_kernels import block_embed as kernels
-
+    kernels = triton_kernels.kernels_for("block_embed", table)
     kernels.block_embed(ids, table, out, q_eos=q_eos, text_vocab=text_vocab)
 
 

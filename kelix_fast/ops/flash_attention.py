@@ -4,7 +4,7 @@ Backends: ``triton`` (``kelix_fast.triton_kernels.flash_attention``: flash atten
 float32, no [T, T] scores, masked-out key tiles never read) and the PyTorch reference ``torch`` (the spec:
 a dense boolean mask per sequence); ``"auto"`` prefers triton for CUDA tensors. GQA without expanding
 K/V: query head ``h`` reads KV head ``h // (H / Hkv)``. The shared checks and the masked softmax
-reference also serve :mod:`kelix_fast.ops.cached_attention`.
+reference also serve :mod:`kelix_fast.ops.decode_attention`.
 
 Users in Kelix (kelix-ar.md §4.5, §8): the ViT (bidirectional within each image, ``cu_seqlens`` per image),
 LLM prefill and packed training (causal, document-causal), and packed Block Decoder sequences
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kelix_fast import triton_kernels
 from kelix_fast.ops import _checks, _dispatch
 
 _OP = "attention"
@@ -346,8 +347,7 @@ def _block_key_ends(spec: _Mask, cu_seqlens: torch.Tensor, tokens: int) -> torch
 
 
 def _triton(q, k, v, cu_seqlens, max_seqlen, spec: _Mask, scale, out) -> None:
-    from kelix_fast.triton_kernels import flash_attention as kernels
-
+    kernels = triton_kernels.kernels_for("flash_attention", q)
     if q.shape[0] == 0:
         return
     # within_block="causal" sees exactly the keys of "causal" (earlier blocks whole, j <= i inside).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from kelix_fast import triton_kernels
 from kelix_fast.ops import _checks, _dispatch
 
 _OP = "rms_norm"
@@ -97,8 +98,7 @@ def _reference(x, weight, eps, cos, sin, out) -> None:
 
 
 def _triton(x, weight, eps, cos, sin, out) -> None:
-    from kelix_fast.triton_kernels import rms_norm as kernels
-
+    kernels = triton_kernels.kernels_for("rms_norm", x)
     kernels.rms_norm(x, weight, eps, cos, sin, out)
 
 

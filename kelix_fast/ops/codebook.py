@@ -1,7 +1,8 @@
 """``codebook_argmin``: the multi-sub-codebook nearest-neighbour lookup of Kelix-Tok (kelix-ar.md §3.5).
 
-Backends: ``triton`` (``kelix_fast.triton_kernels.codebook_argmin``, fused, no [n, K] matrix) and the
-PyTorch reference ``torch``; ``"auto"`` prefers triton for CUDA tensors (see ``backend`` below).
+Backends: ``cuda`` (``kf_codebook_argmin``, csrc/codebook_argmin.cu), ``triton``
+(``kelix_fast.triton_kernels.codebook_argmin``), both fused with no [n, K] matrix, and the PyTorch
+reference ``torch``; ``"auto"`` prefers cuda, then triton, for CUDA tensors (see ``backend`` below).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kelix_fast import triton_kernels
 from kelix_fast.ops import _checks, _cuda, _dispatch
 
 MODES = ("reference", "exact")
@@ -34,7 +36,8 @@ def codebook_argmin(
     Args:
         z: [n, G*d] float32/bfloat16/float16, last dim contiguous. Encoder outputs; sub-vector g is
             ``z[:, g*d:(g+1)*d]``.
-        ln_weight, ln_bias: [G, d], dtype of ``z``. The per-group query LayerNorm (``z_norm``), eps ``eps``.
+        ln_weight, ln_bias: [G, d], dtype of ``z`` (the model's ``z_norm`` in the model dtype; the
+            reference LayerNorm runs in that dtype). The per-group query LayerNorm, eps ``eps``.
         codebooks: [G, K, d]. Precomputed at load as ``LN_q(E_g[slice] W_g^T + b_g)``.
         codebook_sqnorms: [G, K] float32 or None. ``|C_g[k]|^2``, used by ``mode="exact"`` (computed here
             when None).
@@ -46,7 +49,7 @@ def codebook_argmin(
         backend: ``"auto" | "cuda" | "triton" | "torch"``. See :func:`kelix_fast.ops.resolve_backend`.
             ``"auto"`` picks cuda (when kelix_fast._C is built and d is supported), then triton, for CUDA
             tensors, and torch otherwise; triton on CPU tensors runs only when asked
-            for by name under Triton's interpreter (``TRITON_INTERPRET=1``, a test path). In bf16
+            for by name, under Triton's interpreter (a test path). In bf16
             ``mode="reference"`` triton emulates each rounding step but accumulates the GEMM in its own
             order, so near-ties may resolve differently from a GEMM library (kelix-ar.md §3.5).
 
@@ -73,6 +76,7 @@ def codebook_argmin(
         raise ValueError(f"{_OP}: mode must be one of {list(MODES)}, got {mode!r}")
     if mode == "reference":
         _checks.same_dtype(_OP, codebooks=codebooks, z=z)
+    _checks.same_dtype(_OP, z=z, ln_weight=ln_weight, ln_bias=ln_bias)
     if z.numel() and z.stride(-1) != 1:
         raise ValueError(
             f"{_OP}: z must have a contiguous last dim, got strides {tuple(z.stride())}"
@@ -83,7 +87,7 @@ def codebook_argmin(
     return ids
 
 
-def _official_sqdist(u: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+def official_sqdist(u: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """``cdist(u, codes) ** 2`` exactly as torch's matmul formulation computes it, in the inputs' dtype.
 
     u: [n, d], codes: [K, d] -> [n, K]. Norms are summed and rounded in the input dtype; the GEMM rounds its
@@ -114,7 +118,7 @@ def _reference(
         z_g = z[:, g * dim : (g + 1) * dim]
         if mode == "reference":
             u = F.layer_norm(z_g, (dim,), ln_weight[g], ln_bias[g], eps)
-            dist = _official_sqdist(u, codebooks[g])
+            dist = official_sqdist(u, codebooks[g])
         else:
             u = F.layer_norm(z_g.float(), (dim,), ln_weight[g].float(), ln_bias[g].float(), eps)
             codes = codebooks[g].float()
@@ -127,8 +131,7 @@ def _reference(
 def _triton(
     z, ln_weight, ln_bias, codebooks, codebook_sqnorms, ids, vocab_offset, mode, eps
 ) -> None:
-    from kelix_fast.triton_kernels import codebook_argmin as kernels
-
+    kernels = triton_kernels.kernels_for("codebook_argmin", z)
     if mode == "exact" and codebook_sqnorms is None:
         codebook_sqnorms = codebooks.float().square().sum(-1)  # what _reference computes per group
     kernels.codebook_argmin(
