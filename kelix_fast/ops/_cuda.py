@@ -21,9 +21,12 @@ _MAX_CODE_DIM = 256  # kf_codebook_argmin: d % 16 == 0 and d <= 256
 # kf_head_select: head rows of D * element size bytes, a multiple of 16 (vector loads) and at most
 # 112 KiB (one row must fit the kernel's shared-memory budget).
 _HEAD_SELECT_MAX_ROW_BYTES = 112 * 1024
-# Rows up to which "auto" prefers kf_head_select: it scores on CUDA cores, and from ~32 rows on the
-# FMAs, not the head's bandwidth, set its pace (csrc/head_select.cu); Triton's tl.dot uses tensor cores.
-_HEAD_SELECT_AUTO_MAX_ROWS = 32
+# Rows up to which "auto" prefers kf_head_select, by measured speed (H200, commit 265be71, greedy,
+# V = 217,472, D = 4096, bf16; benchmarks/results/h200-2026-12-04-265be71-manual/kernels.json): at M = 1
+# it takes 0.437 ms against Triton's 0.457, but it scores on CUDA cores, so its time grows with M
+# (0.925 ms at M = 8, 3.16 at 32, 11.1 at 128) while Triton's tensor-core tl.dot stays near the head's
+# bandwidth (0.460, 0.491, 0.671 ms).
+_HEAD_SELECT_AUTO_MAX_ROWS = 1
 
 _extension: ModuleType | None = None
 _extension_reason: str | None = None
@@ -124,8 +127,8 @@ def auto_can_run_head_select(y: torch.Tensor, head: torch.Tensor) -> str | None:
     rows = y.shape[0]
     if rows > _HEAD_SELECT_AUTO_MAX_ROWS:
         return (
-            f"auto picks it for at most {_HEAD_SELECT_AUTO_MAX_ROWS} rows (CUDA-core FMAs; "
-            f"tensor-core kernels are faster above), got M={rows} (ask for it by name)"
+            f"auto picks it for at most {_HEAD_SELECT_AUTO_MAX_ROWS} row (CUDA-core FMAs; the "
+            f"tensor-core Triton kernel was measured faster above), got M={rows} (ask for it by name)"
         )
     return None
 

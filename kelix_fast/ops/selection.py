@@ -71,7 +71,7 @@ def head_select(
         backend: ``"auto" | "cuda" | "triton" | "torch"``. See
             :func:`kelix_fast.ops.resolve_backend`; ``"auto"`` picks cuda for CUDA tensors when
             kelix_fast._C is built, the request is greedy or full-row sampling (``top_p == 1``, no
-            top-k filter), M <= 32 and the head's rows are 16-byte aligned; else triton when the
+            top-k filter), M == 1 (measured: see ``ops._cuda``) and the head's rows are 16-byte aligned; else triton when the
             request is supported (greedy; full-row sampling; or at most 64 candidates:
             ``0 < top_k <= 64``, or V <= 64); else torch. cuda and triton draw the same ids up to
             float32 rounding of the scores. triton on CPU tensors runs only when asked for by name

@@ -392,11 +392,12 @@ def test_head_select_cuda_takes_greedy_and_full_row_requests(top_k):
     assert _cuda.can_run_head_select(y, head) in str(error.value)
 
 
-def test_head_select_auto_leaves_more_than_32_rows_to_triton():
+def test_head_select_auto_leaves_more_than_one_row_to_triton():
+    """Measured on the H200: the CUDA kernel wins at M = 1 only (ops._cuda._HEAD_SELECT_AUTO_MAX_ROWS)."""
     head = torch.zeros(5, 8)
-    assert _cuda.auto_can_run_head_select(torch.zeros(32, 8), head) is None
-    reason = _cuda.auto_can_run_head_select(torch.zeros(33, 8), head)
-    assert "at most 32 rows" in reason and "M=33" in reason
+    assert _cuda.auto_can_run_head_select(torch.zeros(1, 8), head) is None
+    reason = _cuda.auto_can_run_head_select(torch.zeros(2, 8), head)
+    assert "at most 1 row" in reason and "M=2" in reason
 
 
 def _head_select_args(C, **changes):
@@ -801,16 +802,16 @@ def test_head_select_cuda_captures_in_a_cuda_graph():
 
 @pytest.mark.gpu
 def test_head_select_cuda_probe_and_auto_choice():
-    """auto: cuda for up to 32 rows and 16-byte aligned head rows, triton otherwise; an explicit
+    """auto: cuda for one row and 16-byte aligned head rows, triton otherwise; an explicit
     cuda request on an unaligned head says why."""
     _head_select_extension()
     y, weight, head = _integer_head_inputs(33, 100, 64, torch.bfloat16, seed=3)
-    assert ops.resolve_backend("head_select", "auto", y[:32], head) == "cuda"
-    assert ops.resolve_backend("head_select", "auto", y, head) == "triton"
+    assert ops.resolve_backend("head_select", "auto", y[:1], head) == "cuda"
+    assert ops.resolve_backend("head_select", "auto", y[:2], head) == "triton"
     unaligned = torch.zeros(100, 65, dtype=torch.bfloat16, device="cuda")[:, 1:]
     unaligned.copy_(head)
     assert "16-byte aligned" in _cuda.can_run_head_select(y, unaligned)
-    assert ops.resolve_backend("head_select", "auto", y[:5], unaligned) == "triton"
+    assert ops.resolve_backend("head_select", "auto", y[:1], unaligned) == "triton"
     with pytest.raises(BackendUnavailableError, match="16-byte aligned head rows"):
         ops.head_select(y, weight, unaligned, eps=0.0, backend="cuda")
     odd = torch.zeros(100, 60, dtype=torch.bfloat16, device="cuda")  # 120-byte rows
