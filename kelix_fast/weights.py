@@ -23,6 +23,7 @@ __all__ = [
     "SafetensorsCheckpoint",
     "WeightsMismatchError",
     "checkpoint_key",
+    "default_device",
     "engine_placement",
     "load_weights",
 ]
@@ -31,14 +32,18 @@ INDEX_FILE = "model.safetensors.index.json"
 ENGINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def default_device() -> torch.device:
+    """The device used when none is given: CUDA when available, else CPU. Every implicit device choice
+    of kelix_fast goes through here, so that the tests can forbid it (tests/conftest.py)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def engine_placement(
     device: torch.device | str | None, dtype: torch.dtype | None, *, owner: str
 ) -> tuple[torch.device, torch.dtype]:
-    """Where weights live: ``device`` (default CUDA when available, else CPU) and ``dtype`` (default
-    bfloat16 on CUDA, float32 elsewhere). Raises ValueError, naming ``owner``, for an unsupported dtype."""
-    device = torch.device(
-        device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
-    )
+    """Where weights live: ``device`` (default :func:`default_device`) and ``dtype`` (default bfloat16 on
+    CUDA, float32 elsewhere). Raises ValueError, naming ``owner``, for an unsupported dtype."""
+    device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in ENGINE_DTYPES:

@@ -1,4 +1,9 @@
-"""Test configuration: Triton interpreter on CPU, the self-skipping ``gpu`` marker, the golden fixture sets."""
+"""Test configuration: the self-skipping ``gpu`` marker, the guard against the implicit default device
+(and its ``default_device`` marker), the golden fixture sets.
+
+Triton kernels run on CPU tensors under Triton's interpreter and on CUDA tensors compiled, in the same
+process (``kelix_fast.triton_kernels.kernels_for``), so nothing here depends on whether CUDA is present.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Triton reads this when its kernels are decorated, so it must be set before any kernel module is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kelix_fast import weights
 
 # Tiny tensors on a 2-core CI machine: the intra-op thread pool costs more than it saves (a 9-element
 # softmax takes ~8 ms with 2 threads, ~5 us with 1), and results do not depend on it beyond rounding.
@@ -33,6 +36,11 @@ def golden_sets() -> list[Path]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers",
+        "default_device: may build models without device= (the test checks the default itself and "
+        "must pass with and without CUDA)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -55,3 +63,30 @@ def golden_dir(request: pytest.FixtureRequest) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return request.param
+
+
+# Every test states its device and dtype: a model built with the implicit default lands on CUDA in bf16
+# when a GPU is present and on CPU in float32 otherwise, so the same test would check different things
+# on the two machines. The guard makes that visible on CPU. It is installed for the whole session, so
+# that session- and module-scoped fixtures are guarded too, and lifted per test by the marker.
+_DEFAULT_DEVICE = weights.default_device
+
+
+def _implicit_default_device() -> torch.device:
+    raise AssertionError(
+        "this test relies on the implicit default device; pass device= explicitly, "
+        "or mark it @pytest.mark.default_device"
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _guard_default_device():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(weights, "default_device", _implicit_default_device)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _allow_default_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("default_device") is not None:
+        monkeypatch.setattr(weights, "default_device", _DEFAULT_DEVICE)

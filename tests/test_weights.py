@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from kelix_fast import KelixAR, WeightsMismatchError
 from kelix_fast.models.kelix_ar import DEAD_TENSORS, KelixARModel
 from kelix_fast.presets import random_weights, tiny_config, write_checkpoint
+from kelix_fast.weights import engine_placement
 
 
 def test_engine_layout_is_the_official_layout(golden_dir):
@@ -119,6 +120,27 @@ def test_weights_are_cast_once_to_the_engine_dtype(tiny_checkpoint):
     assert dtypes == {torch.bfloat16}
     assert engine.model.tokenizer.codebooks.dtype == torch.bfloat16
     assert engine.model.tokenizer.codebook_sqnorms.dtype == torch.float32
+
+
+@pytest.mark.default_device
+def test_default_placement_is_cuda_bfloat16_when_available_else_cpu_float32(tiny_checkpoint):
+    """The documented default, checked on whichever machine runs it (the marker lifts the guard)."""
+    config, weights = tiny_checkpoint
+    engine = KelixAR.from_weights(config, weights)
+    want = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    assert (engine.device.type, engine.dtype) == want
+
+
+def test_default_dtype_follows_the_given_device():
+    assert engine_placement("cuda", None, owner="t") == (torch.device("cuda"), torch.bfloat16)
+    assert engine_placement("cpu", None, owner="t") == (torch.device("cpu"), torch.float32)
+
+
+def test_unmarked_tests_cannot_use_the_default_device(tiny_checkpoint):
+    """The guard of tests/conftest.py, which fails such a test on any machine."""
+    config, weights = tiny_checkpoint
+    with pytest.raises(AssertionError, match="relies on the implicit default device"):
+        KelixAR.from_weights(config, weights)
 
 
 def test_index_naming_absent_tensors_is_an_error(tmp_path, tiny_checkpoint):

@@ -116,7 +116,10 @@ def test_cpu_smoke_run_writes_valid_json(tmp_path):
     points = sum(len(case.points(True)) for case in all_cases().values())
     assert len(report["results"]) == 3 * points
     for record in report["results"]:
-        assert record["status"] in ("ok", "unavailable")
+        # Every tensor is on the CPU, so with or without a GPU present auto resolves to torch, triton
+        # runs only in its interpreter (never timed) and cuda refuses CPU tensors.
+        assert record["auto_choice"] == "torch"
+        assert record["status"] == ("ok" if record["backend"] == "torch" else "unavailable")
         assert record["baseline"]["name"] == "official_eager"
         assert record["baseline"]["matches_reference"] is True
         if record["status"] == "unavailable":
@@ -128,7 +131,6 @@ def test_cpu_smoke_run_writes_valid_json(tmp_path):
             assert record[key] > 0
         assert record["p20_ms"] <= record["median_ms"] <= record["p80_ms"]
         assert record["raw_ms"] and record["speedup"] > 0
-        assert record["auto_choice"] in ("torch", "triton", "cuda")
     assert {r["backend"] for r in report["results"] if r["status"] == "ok"} >= {"torch"}
 
 

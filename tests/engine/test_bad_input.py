@@ -207,9 +207,9 @@ def test_scoring_rejects_bad_groups(tiny, groups, error, match):
 
 def test_constructor_rejects_unknown_modes():
     with pytest.raises(ValueError, match=r"vq must be one of \['reference', 'exact'\], got 'fast'"):
-        presets.tiny(vq="fast")
+        presets.tiny(device="cpu", vq="fast")
     with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
-        presets.tiny(dtype=torch.int8)
+        presets.tiny(device="cpu", dtype=torch.int8)
 
 
 def test_reference_sampler_takes_one_set_of_parameters(tiny):

@@ -15,8 +15,8 @@ from kelix_fast.runtime.flow import sample_latents
 
 @pytest.fixture(scope="module")
 def pipeline(golden_ar, golden_dir):
-    dit = KelixDiT.from_pretrained(golden_dir / "kelix_dit", device="cpu")
-    vae = load_vae(golden_dir / "dcae", device="cpu")
+    dit = KelixDiT.from_pretrained(golden_dir / "kelix_dit", device="cpu", dtype=torch.float32)
+    vae = load_vae(golden_dir / "dcae", device="cpu", dtype=torch.float32)
     # The recorded runs start from prompt ids (their processor was a stand-in), so any tokenizer works.
     return KelixPipeline(golden_ar, KelixProcessor.tiny(), dit, vae)
 
@@ -54,7 +54,7 @@ def test_images_match_the_official_runs(pipeline, golden_dir, load_fixture):
 
 
 def test_latent_trajectories_match_and_seed_42_is_the_recorded_noise(golden_dir, load_fixture):
-    dit = KelixDiT.from_pretrained(golden_dir / "kelix_dit", device="cpu")
+    dit = KelixDiT.from_pretrained(golden_dir / "kelix_dit", device="cpu", dtype=torch.float32)
     for name in _runs(golden_dir):
         fx = load_fixture(name)
         steps, size = fx["scheduler_timesteps"].shape[0], fx["image_u8"].shape[0]
@@ -73,9 +73,10 @@ def test_latent_trajectories_match_and_seed_42_is_the_recorded_noise(golden_dir,
 
 def test_pipeline_loads_from_directories(golden_dir):
     with pytest.raises(FileNotFoundError, match="dit_path must be a directory"):
-        KelixPipeline.from_pretrained(golden_dir / "kelix_ar", golden_dir / "missing")
+        KelixPipeline.from_pretrained(golden_dir / "kelix_ar", golden_dir / "missing", device="cpu")
     ar_only = KelixPipeline(
-        KelixAR.from_pretrained(golden_dir / "kelix_ar", device="cpu"), KelixProcessor.tiny()
+        KelixAR.from_pretrained(golden_dir / "kelix_ar", device="cpu", dtype=torch.float32),
+        KelixProcessor.tiny(),
     )
     with pytest.raises(ValueError, match="no DiT/VAE"):
         ar_only.generate_image("a cat")

@@ -20,7 +20,9 @@ def _images(fx) -> int:
 def test_tokenizer_stages_match_golden(golden_dir, load_fixture, vq):
     """Both VQ modes: the recorded margins (>= 0.05) are far above float32 rounding."""
     fx = load_fixture("ar_visual")
-    engine = KelixAR.from_pretrained(golden_dir / "kelix_ar", device="cpu", vq=vq)
+    engine = KelixAR.from_pretrained(
+        golden_dir / "kelix_ar", device="cpu", dtype=torch.float32, vq=vq
+    )
     tok, llm = engine.model.tokenizer, engine.config.llm
     n_q, k = llm.n_q_tokens, engine.config.tokenizer.codes_per_group
     for i in range(_images(fx)):
