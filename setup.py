@@ -12,6 +12,7 @@ CMAKE_ARGS adds CMake arguments (e.g. -DCMAKE_CUDA_ARCHITECTURES=90a;100a).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shlex
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
@@ -34,22 +36,17 @@ _log.setLevel(logging.INFO)
 _log.propagate = False
 
 
-def find_nvcc() -> str | None:
-    """Path of nvcc: PATH first, then $CUDA_HOME/bin and $CUDA_PATH/bin; None when absent."""
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.access(Path(home, "bin", "nvcc"), os.X_OK):
-            return str(Path(home, "bin", "nvcc"))
-    return None
+def _load_native_build() -> ModuleType:
+    """kelix_fast/_native_build.py (find_nvcc, native_build_skipped), shared with tests/build.
 
-
-def native_build_skipped() -> bool:
-    """KELIX_FAST_NO_NATIVE set to anything but empty, 0, false or no."""
-    value = os.environ.get("KELIX_FAST_NO_NATIVE", "").strip().lower()
-    return value not in ("", "0", "false", "no")
+    Loaded by path: importing ``kelix_fast._native_build`` would run kelix_fast/__init__.py, which
+    imports torch, and the build environment need not have torch (nor kelix_fast on sys.path).
+    """
+    path = ROOT / "kelix_fast" / "_native_build.py"
+    spec = importlib.util.spec_from_file_location("_kelix_fast_native_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class CMakeExtension(Extension):
@@ -141,7 +138,7 @@ class CMakeBuild(build_ext):
 
 
 def native_extensions() -> list[Extension]:
-    if native_build_skipped():
+    if _NATIVE_BUILD.native_build_skipped():
         _log.info("KELIX_FAST_NO_NATIVE is set: installing the pure-Python package, no _C")
         return []
     if NVCC is None:
@@ -154,7 +151,8 @@ def native_extensions() -> list[Extension]:
     return [CMakeExtension("kelix_fast._C", ROOT)]
 
 
-NVCC = find_nvcc()
+_NATIVE_BUILD = _load_native_build()
+NVCC = _NATIVE_BUILD.find_nvcc()
 
 setup(
     # triton_kernels/ is installed only as kelix_fast.triton_kernels: a top-level module of that

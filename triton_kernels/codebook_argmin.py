@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import tie_exact_dot
 from ._rounding import interpreted, round_to
 
 # (BLOCK_N rows, BLOCK_K codes, num_warps), keyed by the dtype the tile GEMM runs in. BLOCK_D is the
@@ -28,21 +29,6 @@ _BLOCKS = {
     torch.float16: (64, 128, 4),
 }
 _MIN_DOT_DIM = 16
-
-
-@triton.jit
-def _tile_dot(query, codes_t, UPCAST_DOT: tl.constexpr):
-    """[BLOCK_N, BLOCK_D] x [BLOCK_D, BLOCK_K] -> float32, with one reduction order for every code.
-
-    UPCAST_DOT (the interpreter) multiplies in float32 and sums over BLOCK_D instead of calling tl.dot:
-    the interpreter's bf16 dot is garbage (TOOLCHAIN.md trap 2) and its float32 dot is a BLAS GEMM that
-    rounds tail columns differently, which would split exact ties between identical codes. Products of
-    bf16 values are exact in float32, so the upcast changes no result.
-    """
-    if UPCAST_DOT:
-        return tl.sum(query.to(tl.float32)[:, :, None] * codes_t.to(tl.float32)[None, :, :], axis=1)
-    else:
-        return tl.dot(query, codes_t, input_precision="ieee")
 
 
 @triton.jit
@@ -126,7 +112,7 @@ def _codebook_argmin_kernel(
             other=0.0,
         )
         if EXACT:
-            dot = _tile_dot(query, codes_t.to(tl.float32), UPCAST_DOT)
+            dot = tie_exact_dot(query, codes_t.to(tl.float32), UPCAST_DOT)
             sqnorms = tl.load(
                 sqnorms_ptr + group * stride_sqnorms_group + codes * stride_sqnorms_code,
                 mask=code_mask,
@@ -137,7 +123,7 @@ def _codebook_argmin_kernel(
             codes_f32 = codes_t.to(tl.float32)
             c_sqnorm = tl.sum(round_to(codes_f32 * codes_f32, in_dtype, BF16_BY_BITS), axis=0)
             c_sqnorm = round_to(c_sqnorm, in_dtype, BF16_BY_BITS)
-            dot = _tile_dot(query, codes_t, UPCAST_DOT)
+            dot = tie_exact_dot(query, codes_t, UPCAST_DOT)
             # [-2u, |u|^2, 1] . [c, 1, |c|^2] accumulated in float32, rounded once to the input dtype.
             dist = round_to(dot + u_sqnorm[:, None] + c_sqnorm[None, :], in_dtype, BF16_BY_BITS)
             dist = round_to(tl.maximum(dist, 1e-30), in_dtype, BF16_BY_BITS)
@@ -220,7 +206,7 @@ def codebook_argmin(
         BLOCK_K=block_k,
         BLOCK_D=max(_MIN_DOT_DIM, triton.next_power_of_2(dim)),
         EXACT=exact,
-        # The interpreter needs another tile product (_tile_dot) and bf16 rounding (_rounding).
+        # The interpreter needs another tile product (_dot.tie_exact_dot) and bf16 rounding (_rounding).
         UPCAST_DOT=_INTERPRETED,
         BF16_BY_BITS=_INTERPRETED,
         num_warps=num_warps,

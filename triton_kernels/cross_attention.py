@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import dot
 from ._rounding import cast_rne, interpreted
 
 # (BLOCK_M queries, BLOCK_N keys, num_warps) keyed by dtype on a GPU; BLOCK_D is the head dim rounded up
@@ -104,8 +105,6 @@ def _cross_attention_kernel(
     row_mask = (rows < q_len)[:, None] & dim_mask[None, :]
     q_tile = q_ptr + batch * stride_q_b + head * stride_q_h + dims[None, :] * stride_q_d
     q = tl.load(q_tile + rows[:, None] * stride_q_l, mask=row_mask, other=0.0)
-    if UPCAST_DOT:  # the interpreter's bf16 dot is garbage (TOOLCHAIN.md trap 2)
-        q = q.to(tl.float32)
     k_tile = k_ptr + batch * stride_k_b + head * stride_k_h + dims[None, :] * stride_k_d
     v_tile = v_ptr + batch * stride_v_b + head * stride_v_h + dims[None, :] * stride_v_d
 
@@ -118,9 +117,7 @@ def _cross_attention_kernel(
         kv_mask = in_range[:, None] & dim_mask[None, :]
         k = tl.load(k_tile + keys[:, None] * stride_k_l, mask=kv_mask, other=0.0)
         v = tl.load(v_tile + keys[:, None] * stride_v_l, mask=kv_mask, other=0.0)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_M, BLOCK_N]
+        scores = dot(q, tl.trans(k), UPCAST_DOT) * scale  # [BLOCK_M, BLOCK_N]
         valid = tl.load(mask_row + keys * stride_mask_l, mask=in_range, other=0) != 0
         scores = tl.where(valid[None, :], scores, scores + mask_bias)
         scores = tl.where(in_range[None, :], scores, float("-inf"))
@@ -128,10 +125,11 @@ def _cross_attention_kernel(
         alpha = tl.exp(m - m_next)  # 0 on the first tile (m = -inf)
         p = tl.exp(scores - m_next[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        if UPCAST_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        # P in the value dtype on a GPU, as flash kernels feed the tensor cores; the interpreter keeps
+        # float32 P (its bf16 cast truncates: _rounding).
+        if not UPCAST_DOT:
+            p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + dot(p, v, UPCAST_DOT)
         m = m_next
 
     out = acc / l[:, None]

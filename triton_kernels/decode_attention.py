@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import dot
 from ._rounding import cast_rne, interpreted
 
 _LOG2E = 1.4426950408889634
@@ -51,15 +52,6 @@ _BLOCKS = {
 _INTERPRETER_BLOCKS = (32, 16, 1)
 _MERGE_WARPS = 4
 _MERGE_ROWS_INTERPRETER = 256  # rows per merge program under the interpreter (one on a GPU)
-
-
-@triton.jit
-def _dot(a, b, UPCAST_DOT: tl.constexpr):
-    """[M, K] x [K, N] -> float32; UPCAST_DOT (the interpreter) multiplies in float32."""
-    if UPCAST_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -144,7 +136,7 @@ def _decode_attention_kernel(
         kv_mask = key_mask[:, None] & dim_mask[None, :]
         k = tl.load(k_base + keys[:, None] * stride_k_s + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + keys[:, None] * stride_v_s + dims[None, :], mask=kv_mask, other=0.0)
-        scores = _dot(q, tl.trans(k), UPCAST_DOT) * qk_scale  # [BLOCK_M, BLOCK_N]
+        scores = dot(q, tl.trans(k), UPCAST_DOT) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = key_mask[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= positions[:, None])
@@ -156,7 +148,7 @@ def _decode_attention_kernel(
         p = tl.exp2(scores - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         p_v = cast_rne(p, v_ptr.dtype.element_ty, BF16_BY_BITS)
-        acc = acc * alpha[:, None] + _dot(p_v, v, UPCAST_DOT)
+        acc = acc * alpha[:, None] + dot(p_v, v, UPCAST_DOT)
         m_i = m_new
 
     # A split without visible keys has o = 0 and lse = -inf (no weight in the merge).

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import dot
 from ._rounding import cast_rne, interpreted
 
 # Structure masks (the MASK constexpr).
@@ -100,7 +101,7 @@ def _attend_key_tile(
     acc,  # [BLOCK_M, BLOCK_D] float32
     l_i,  # [BLOCK_M] float32
     m_i,  # [BLOCK_M] float32
-    q,  # [BLOCK_M, BLOCK_D], float32 under UPCAST_DOT
+    q,  # [BLOCK_M, BLOCK_D]
     k_ptrs,  # [BLOCK_D, BLOCK_N] pointers of this tile's keys (transposed)
     v_ptrs,  # [BLOCK_N, BLOCK_D] pointers of this tile's values
     k_dim_ok,  # [BLOCK_D, 1] bool: the real head dims
@@ -120,9 +121,8 @@ def _attend_key_tile(
     """One key tile of the online softmax: returns the updated (acc, l, m).
 
     The tiles of the first loop lie inside the sequence and are seen whole by every row: their loads
-    and scores need no key mask. UPCAST_DOT (the interpreter, whose bf16 dot is garbage: TOOLCHAIN.md
-    trap 2) multiplies float32 copies; on a GPU bf16/fp16 tiles run on tensor cores and float32 stays
-    IEEE (no TF32).
+    and scores need no key mask. The products are :func:`_dot.dot`: tensor cores for bf16/fp16 tiles,
+    IEEE float32 (no TF32) for float32 ones, float32 copies under UPCAST_DOT (the interpreter).
     """
     keys = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -133,9 +133,7 @@ def _attend_key_tile(
         k_mask = k_dim_ok
         v_mask = v_dim_ok
     k_t = tl.load(k_ptrs, mask=k_mask, other=0.0)
-    if UPCAST_DOT:
-        k_t = k_t.to(tl.float32)
-    scores = tl.dot(q, k_t, input_precision="ieee") * qk_scale
+    scores = dot(q, k_t, UPCAST_DOT) * qk_scale
     if KEY_MASK != 0:
         if MASKED:
             keep = tl.load(key_mask_ptr + keys, mask=key_ok, other=0) != 0
@@ -166,10 +164,7 @@ def _attend_key_tile(
     # P in the value dtype (rounded to nearest even), as flash attention feeds the tensor cores.
     if v.dtype != tl.float32:
         p = cast_rne(p, v.dtype, BF16_BY_BITS)
-    if UPCAST_DOT:
-        p = p.to(tl.float32)
-        v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    acc = acc * alpha[:, None] + dot(p, v, UPCAST_DOT)
     return acc, l_i, m_new
 
 
@@ -235,8 +230,6 @@ def _flash_attention_kernel(
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     )
-    if UPCAST_DOT:
-        q = q.to(tl.float32)
     cols = tl.arange(0, BLOCK_N)
     k_ptrs = (
         k_ptr + seq_start * stride_k_t + kv_head * stride_k_h

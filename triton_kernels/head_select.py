@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import tie_exact_dot
 from ._rounding import interpreted, round_to
 
 # The most candidates a program keeps per row (top_k <= MAX_KEEP for the candidate mode).
@@ -100,16 +101,6 @@ def _head_select_norm_kernel(
         normed = round_to(y.to(tl.float32) * rstd[:, None], out_dtype, BF16_BY_BITS)
         normed = round_to(normed * w[None, :], out_dtype, BF16_BY_BITS)
         tl.store(normed_ptr + rows[:, None] * dim + dims[None, :], normed.to(out_dtype), mask=mask)
-
-
-@triton.jit
-def _tile_dot(normed, head_t, UPCAST_DOT: tl.constexpr):
-    """[BLOCK_M, BLOCK_D] x [BLOCK_D, BLOCK_V] -> float32 (see codebook_argmin._tile_dot: the interpreter's
-    bf16 dot is garbage and its float32 dot rounds tail columns differently, splitting exact ties)."""
-    if UPCAST_DOT:
-        return tl.sum(normed.to(tl.float32)[:, :, None] * head_t.to(tl.float32)[None, :, :], axis=1)
-    else:
-        return tl.dot(normed, head_t, input_precision="ieee")
 
 
 @triton.jit
@@ -192,7 +183,7 @@ def _head_select_scores_kernel(
                     mask=dim_mask[:, None] & col_mask[None, :],
                     other=0.0,
                 )
-                acc += _tile_dot(normed, head_t, UPCAST_DOT)
+                acc += tie_exact_dot(normed, head_t, UPCAST_DOT)
 
         scores = acc
         if SCALE:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import dot
 from ._rounding import cast_rne, interpreted
 
 # Tokens per tile in both passes. d is padded to BLOCK_D = next power of two, at least 16 (the smallest
@@ -80,10 +81,7 @@ def _linear_attention_state_kernel(
         k = tl.load(k_base + tokens[:, None] * stride_k_n, mask=mask, other=0.0)
         v = tl.load(v_base + tokens[:, None] * stride_v_n, mask=mask, other=0.0)
         k = tl.where(k > 0, k, tl.zeros_like(k))  # ReLU in the input dtype: exact
-        if UPCAST_DOT:  # the interpreter's bf16 dot is garbage (TOOLCHAIN.md trap 2)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        kv += tl.dot(tl.trans(k), v, input_precision="ieee")
+        kv += dot(tl.trans(k), v, UPCAST_DOT)
         z += tl.sum(k.to(tl.float32), axis=0)
 
     slot = batch_head * num_splits + split

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from benchmarks.cases import Case, Point, Tensors, ids_equal
 from kelix_fast import ops
-from kelix_fast.runtime.sampling import SamplingParams, filtered_logits
+from kelix_fast.ops.selection import filter_logits
 
 EPS = 1e-6
 # head_std: the spread of the head's entries (0.02 is a trained head's order). The picked logit exceeds
@@ -109,8 +109,10 @@ def baseline(point: Point, inputs: Tensors, shared: Tensors) -> torch.Tensor:
     logits = F.linear(normed * shared["norm_weight"], shared["head"])
     if point["top_k"] == 1:
         return logits.argmax(-1)
-    params = SamplingParams(point["temperature"], point["top_k"], point["top_p"])
-    probs = torch.softmax(filtered_logits(logits, params), dim=-1)
+    filtered = filter_logits(
+        logits, temperature=point["temperature"], top_k=point["top_k"], top_p=point["top_p"]
+    )
+    probs = torch.softmax(filtered, dim=-1)
     draws = []
     for m, seed in enumerate(inputs["seeds"].tolist()):
         generator = torch.Generator(device=y.device).manual_seed(seed)

@@ -48,9 +48,9 @@ def head_select(
     that only that rounding creates are not reproduced. Ids outside every ``allowed`` range score -inf.
 
     ``top_k == 1``: greedy, ``argmax`` with the first index on ties; no randomness, ``seeds`` unused.
-    Otherwise one draw per row from ``softmax(filtered_logits(logits))`` with the filters of
-    runtime/sampling.py (divide by ``temperature + 1e-5`` when ``temperature > 0``; keep the top-k,
-    ties to the lower id; the stricter top-p rule). The reference draws with ``torch.multinomial`` and a
+    Otherwise one draw per row from ``softmax(filter_logits(logits))``, the official filters (divide by
+    ``temperature + 1e-5`` when ``temperature > 0``; keep the top-k, ties to the lower id; the stricter
+    top-p rule). The reference draws with ``torch.multinomial`` and a
     ``torch.Generator`` seeded by (a mix of all 64 bits of) the row's seed; triton draws by Gumbel-max with a counter-based hash
     of (seed, id). Both sample the same distribution, not the same draws; within one backend a row's
     draw depends only on its seed and its logits.
@@ -157,19 +157,44 @@ def _check_allowed(allowed: torch.Tensor, y: torch.Tensor, vocab: int) -> None:
         raise ValueError(f"{_OP}: allowed must leave at least one id per row, row {row} has none")
 
 
-def _filtered(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """runtime/sampling.py ``filtered_logits`` on float32 [M, V] (the tests hold the two equal)."""
-    x = logits / (temperature + 1e-5) if temperature > 0 else logits
+def filter_logits(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """The official sampling filters, steps 1-3 of ``_sample_group`` (kelix-ar.md §5.6).
+
+    ``[M, V] -> float32 [M, V]``, the filtered-out ids at -inf, then in order:
+
+    1. ``temperature > 0``: divide by ``temperature + 1e-5``. 0 leaves the logits unscaled (and is *not*
+       greedy: greedy is ``top_k == 1``).
+    2. ``0 < top_k < V``: keep the ``top_k`` largest, ties to the lower id.
+    3. ``top_p < 1``: in descending order, drop every id whose *inclusive* cumulative probability exceeds
+       ``top_p``, except the most likely one. That is stricter than HF, which keeps the id that crosses.
+
+    Every sampler of kelix_fast draws from these filters: ``head_select``'s torch reference and
+    runtime/sampling.py sample ``softmax(filter_logits(...))``, and the triton and cuda backends of
+    ``head_select`` draw from the same distribution without materialising it. Both sorts are stable, so
+    every tie goes to the lower id. The parameters are not checked here: ``head_select`` and
+    ``SamplingParams`` check them.
+
+    Args:
+        logits: [M, V], any float dtype; the filters run on a float32 copy.
+        temperature: >= 0.
+        top_k: >= 0; 0 or >= V disables the top-k filter.
+        top_p: in (0, 1]; 1 disables the top-p filter.
+    """
+    x = logits.float()
+    if temperature > 0:
+        x = x / (temperature + 1e-5)
     order = None
     if 0 < top_k < x.shape[-1]:
         order = torch.sort(x, dim=-1, descending=True, stable=True).indices
         drop = torch.ones_like(x, dtype=torch.bool).scatter(-1, order[:, :top_k], False)
         x = x.masked_fill(drop, -math.inf)
     if top_p < 1.0:
-        if order is None:
+        if order is None:  # after top-k the kept ids still lead ``order``, in the same order
             order = torch.sort(x, dim=-1, descending=True, stable=True).indices
         drop_sorted = torch.softmax(x.gather(-1, order), dim=-1).cumsum(-1) > top_p
-        drop_sorted[:, 0] = False  # the most likely token always survives
+        drop_sorted[:, 0] = False  # the most likely id always survives
         x = x.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -math.inf)
     return x
 
@@ -184,7 +209,8 @@ def _reference(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_
     if top_k == 1:
         ids.copy_(logits.argmax(-1))  # the first index among equal maxima
         return
-    probs = torch.softmax(_filtered(logits, temperature, top_k, top_p), dim=-1)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    probs = torch.softmax(filtered, dim=-1)
     for m, seed in enumerate(seeds.tolist()):
         generator = torch.Generator(device=y.device).manual_seed(_generator_seed(seed))
         ids[m] = torch.multinomial(probs[m], 1, generator=generator)[0]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from kelix_fast._native_build import find_nvcc, native_build_skipped
+
 REPO = Path(__file__).resolve().parents[2]
 CSRC = REPO / "csrc"
 HEADER = CSRC / "include" / "kelix_fast" / "kernels.h"
@@ -27,20 +29,8 @@ def _on_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
-def _nvcc() -> str | None:
-    """nvcc as setup.py finds it: PATH, then $CUDA_HOME/bin, then $CUDA_PATH/bin."""
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.access(Path(home, "bin", "nvcc"), os.X_OK):
-            return str(Path(home, "bin", "nvcc"))
-    return None
-
-
 def _require_nvcc() -> str:
-    nvcc = _nvcc()
+    nvcc = find_nvcc()
     if nvcc is None:
         reason = "nvcc not found on PATH, in $CUDA_HOME/bin or $CUDA_PATH/bin"
         if _on_ci():
@@ -90,9 +80,7 @@ def native_module():
         return importlib.import_module("kelix_fast._C")
     except ImportError as error:
         reason = f"kelix_fast._C is not importable ({error})"
-        skip_flag = os.environ.get("KELIX_FAST_NO_NATIVE", "").strip().lower()
-        native_wanted = skip_flag in ("", "0", "false", "no")  # as setup.py reads it
-        if _on_ci() and native_wanted and _nvcc() is not None:
+        if _on_ci() and not native_build_skipped() and find_nvcc() is not None:
             pytest.fail(f"{reason}, although nvcc is present: setup.py should have built it")
         pytest.skip(reason)
 

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from kelix_fast import ops, triton_kernels
 from kelix_fast.ops import BackendUnavailableError
-from kelix_fast.ops import selection as head_select_op
-from kelix_fast.runtime.sampling import SamplingParams, filtered_logits
+from kelix_fast.ops.selection import filter_logits
 
 EPS = 1e-6
 BACKENDS = ["torch", "triton"]
@@ -70,15 +69,6 @@ def test_ranges_exclude_every_other_id(backend, top_k):
     assert got.tolist() == [7, 332, 7, 332]
 
 
-def test_reference_filter_is_runtime_sampling():
-    gen = torch.Generator().manual_seed(3)
-    logits = torch.randint(-3, 4, (5, 40), generator=gen).float() / 2  # many ties
-    for temperature, top_k, top_p in [(0.7, 5, 0.9), (0.0, 0, 0.3), (1.0, 50, 1.0), (2.0, 1, 1.0)]:
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        got = head_select_op._filtered(logits, temperature, top_k, top_p)
-        assert torch.equal(got, filtered_logits(logits, params))
-
-
 @pytest.mark.parametrize("rows, vocab, dim", [(1, 1000, 16), (33, 333, 48), (7, 1000, 48)])
 def test_triton_greedy_is_the_float32_argmax(rows, vocab, dim):
     y, weight, head = make_head_inputs(rows, vocab, dim, seed=rows)
@@ -117,8 +107,9 @@ def test_launcher_fills_poisoned_ids():
 
 
 def expected_probs(y, weight, head, temperature, top_k, top_p):
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    return torch.softmax(filtered_logits(official_logits(y, weight, head), params), -1)[0].double()
+    logits = official_logits(y, weight, head)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.softmax(filtered, -1)[0].double()
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:

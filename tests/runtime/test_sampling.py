@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from kelix_fast.runtime.sampling import SamplingParams, filtered_logits, select
+from kelix_fast.ops.selection import filter_logits
+from kelix_fast.runtime.sampling import SamplingParams, select
 
 
 def test_greedy_is_argmax_with_the_first_index_and_draws_nothing():
@@ -20,16 +21,16 @@ def test_greedy_is_argmax_with_the_first_index_and_draws_nothing():
 
 def test_temperature_divides_by_temperature_plus_1e5():
     logits = torch.tensor([[1.0, 2.0]])
-    out = filtered_logits(logits, SamplingParams(temperature=0.5, top_k=0))
+    out = filter_logits(logits, temperature=0.5, top_k=0, top_p=1.0)
     torch.testing.assert_close(out, logits / (0.5 + 1e-5))
-    assert torch.equal(filtered_logits(logits, SamplingParams(temperature=0.0, top_k=0)), logits)
+    assert torch.equal(filter_logits(logits, temperature=0.0, top_k=0, top_p=1.0), logits)
 
 
 def test_top_k_keeps_exactly_k_with_lower_ids_on_ties():
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0]])
-    out = filtered_logits(logits, SamplingParams(temperature=0.0, top_k=2))
+    out = filter_logits(logits, temperature=0.0, top_k=2, top_p=1.0)
     assert torch.isfinite(out[0]).tolist() == [False, True, False, True, False]
-    everything = filtered_logits(logits, SamplingParams(temperature=0.0, top_k=10))
+    everything = filter_logits(logits, temperature=0.0, top_k=10, top_p=1.0)
     assert torch.equal(everything, logits)
 
 
@@ -37,15 +38,15 @@ def test_top_p_is_the_stricter_official_rule():
     # probabilities 0.5, 0.25, 0.25: inclusive cumulative 0.5, 0.75, 1.0. With top_p = 0.6 the official rule
     # keeps only the first token (HF would also keep the one crossing the threshold).
     logits = torch.log(torch.tensor([[0.25, 0.5, 0.25]]))
-    out = filtered_logits(logits, SamplingParams(temperature=0.0, top_k=0, top_p=0.6))
+    out = filter_logits(logits, temperature=0.0, top_k=0, top_p=0.6)
     assert torch.isfinite(out[0]).tolist() == [False, True, False]
-    out = filtered_logits(logits, SamplingParams(temperature=0.0, top_k=0, top_p=0.8))
+    out = filter_logits(logits, temperature=0.0, top_k=0, top_p=0.8)
     assert torch.isfinite(out[0]).tolist() == [
         True,
         True,
         False,
     ]  # ties broken towards the lower id
-    tiny = filtered_logits(logits, SamplingParams(temperature=0.0, top_k=0, top_p=1e-9))
+    tiny = filter_logits(logits, temperature=0.0, top_k=0, top_p=1e-9)
     assert torch.isfinite(tiny[0]).tolist() == [False, True, False]
 
 
