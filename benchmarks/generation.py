@@ -36,10 +36,10 @@ from kelix_fast.config import KelixARConfig
 from kelix_fast.models.kelix_ar import KelixARModel
 from kelix_fast.models.layers import RMSNorm
 from kelix_fast.presets import release_config, tiny_config
-from kelix_fast.runtime import device_decoding
+from kelix_fast.runtime import engine_core
 from kelix_fast.runtime.block_decoding import NOT_GENERATED, close_blocks
 from kelix_fast.runtime.block_selection import SCORINGS
-from kelix_fast.runtime.generation import prefill
+from kelix_fast.runtime.prefill import prefill
 from kelix_fast.runtime.sampling import SamplingParams
 from kelix_fast.runtime.timing import StageTimer
 
@@ -169,7 +169,7 @@ def official_generate(
     Prefill, then per block one eager LLM step with the LLM KV cache and :func:`official_block`, and a
     host read of the ``<|im_end|>`` stop test after every decode block (the first block is not tested,
     as in the official loop). ``timings`` receives ``prefill`` (prefill and the first block) and
-    ``decode`` seconds, as ``device_decoding.generate`` reports them. It runs under
+    ``decode`` seconds, as ``engine_core.generate`` reports them. It runs under
     ``ops.trusted_values()`` like the engine, so the only host synchronisations are the loop's own.
     """
     llm, eos = model.llm, model.config.llm.eos_token_id
@@ -392,7 +392,7 @@ class _Bench:
         greedy = [SamplingParams(top_k=1)] * batch
 
         def call(n: int, timings: dict[str, float] | None) -> torch.Tensor:
-            outputs = device_decoding.generate(
+            outputs = engine_core.generate_batch(
                 self.model,
                 prompts,
                 max_new_blocks=n,
@@ -400,7 +400,7 @@ class _Bench:
                 scoring=scoring,
                 request_seeds=[0] * batch,
                 return_hidden_states=False,
-                # Captured once per call (no DecodeStepsCache): the differenced timing cancels it.
+                # Captured once per call (a fresh core): the differenced timing cancels it.
                 cuda_graphs=variant == "cuda_graphs",
                 check_every=CHECK_EVERY,
                 timings=timings,

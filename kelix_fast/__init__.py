@@ -1,11 +1,12 @@
 """kelix_fast: a kernel-optimized inference engine for Kelix (arXiv 2602.09843).
 
 The autoregressive side (Kelix-Tok, the Qwen3 LLM, the Block Decoder and Next-Block-Prediction generation)
-is :class:`KelixAR`; ``kelix_fast.presets.tiny()`` builds an embedded tiny model with no files.
+is :class:`KelixAR`; ``kelix_fast.KelixAR.tiny()`` builds an embedded tiny model with no files.
 """
 
 from kelix_fast.api import GenerationOutput, KelixAR
 from kelix_fast.config import ConfigError, KelixARConfig
+from kelix_fast.engine import Engine, EngineStats, RequestOutput
 from kelix_fast.models.dit import KelixDiT, dit_position_args
 from kelix_fast.ops import BackendUnavailableError
 from kelix_fast.weights import WeightsMismatchError
@@ -15,10 +16,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "ConfigError",
+    "Engine",
+    "EngineStats",
     "GenerationOutput",
     "KelixAR",
     "KelixARConfig",
     "KelixDiT",
+    "RequestOutput",
     "WeightsMismatchError",
     "__version__",
     "dit_position_args",

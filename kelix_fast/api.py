@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,14 +16,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kelix_fast import presets
 from kelix_fast.config import KelixARConfig
 from kelix_fast.models.dit import KelixDiT
 from kelix_fast.models.kelix_ar import CHECKPOINT_RENAMES, DEAD_TENSORS, KelixARModel
 from kelix_fast.models.vae import decode_latents, load_vae
 from kelix_fast.ops.codebook import MODES as VQ_MODES
 from kelix_fast.processor import IM_START_TOKEN, ImageInput, KelixProcessor, preprocess_image
-from kelix_fast.runtime import device_decoding, generation
-from kelix_fast.runtime.block_selection import SCORINGS, SEED_BITS, host_bound_reason
+from kelix_fast.runtime import engine_core, generation, requests
+from kelix_fast.runtime.block_selection import SCORINGS, host_bound_reason
 from kelix_fast.runtime.conditioning import extract_condition, text_to_image_prompt
 from kelix_fast.runtime.flow import sample_latents
 from kelix_fast.runtime.sampling import SAMPLERS, SamplingParams
@@ -71,13 +73,31 @@ class KelixAR:
             raise ValueError(f"KelixAR: vq must be one of {list(VQ_MODES)}, got {vq!r}")
         self.model = model
         self.vq = vq
-        # Captured decode steps (CUDA graphs) kept across generate calls, with their KV caches.
-        self._decode_steps = device_decoding.DecodeStepsCache()
+        # Engine cores (decode slots, KV caches, captured CUDA graphs) kept across generate calls, one
+        # per (batch bucket, capacity bucket, graphs); least recently used first.
+        self._cores: OrderedDict[tuple[int, int, bool], engine_core.EngineCore] = OrderedDict()
 
     def release_decode_graphs(self) -> None:
-        """Free the CUDA graphs and KV caches kept from earlier ``generate`` calls (they are rebuilt
-        on demand; at most two shapes are kept)."""
-        self._decode_steps.clear()
+        """Free the decode slots, KV caches and CUDA graphs kept from earlier ``generate`` calls (they
+        are rebuilt on demand; at most two shapes are kept)."""
+        self._cores.clear()
+
+    def _engine_core(self, batch: int, capacity: int, cuda_graphs: bool) -> engine_core.EngineCore:
+        """An idle core for a static batch: batches padded to a power of two and capacities rounded up
+        to a multiple of 512 (within ``max_seq_len``), so calls of similar sizes reuse one core and its
+        captured graphs."""
+        batch = 1 << (batch - 1).bit_length()
+        capacity = min(-(-capacity // 512) * 512, self.config.llm.max_seq_len)
+        key = (batch, capacity, cuda_graphs)
+        core = self._cores.pop(key, None)
+        if core is None:
+            while len(self._cores) >= 2:
+                self._cores.popitem(last=False)
+            core = engine_core.EngineCore(
+                self.model, max_batch=batch, capacity=capacity, cuda_graphs=cuda_graphs
+            )
+        self._cores[key] = core
+        return core
 
     # ------------------------------------------------------------------ loading
 
@@ -105,6 +125,22 @@ class KelixAR:
         config = KelixARConfig.from_json(path)
         return cls.from_weights(
             config, SafetensorsCheckpoint(path), device=device, dtype=dtype, vq=vq
+        )
+
+    @classmethod
+    def tiny(
+        cls,
+        seed: int = 0,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        vq: str = "reference",
+    ) -> KelixAR:
+        """The embedded tiny Kelix AR model (``presets.tiny_config()``) with the deterministic random
+        weights of ``seed``: no files needed (demo, tests, examples)."""
+        config = presets.tiny_config()
+        return cls.from_weights(
+            config, presets.random_weights(config, seed), device=device, dtype=dtype, vq=vq
         )
 
     @classmethod
@@ -180,7 +216,9 @@ class KelixAR:
         Returns:
             ids: [n_tok, G] int64, ``n_tok = sum h*w/4``; images in order, merged tokens in raster order.
         """
-        return self._tokenize(pixel_values, self._check_images(pixel_values, image_grid_thw))
+        return self._tokenize(
+            pixel_values, requests.check_images(self.config, pixel_values, image_grid_thw)
+        )
 
     def _tokenize(
         self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]
@@ -189,54 +227,6 @@ class KelixAR:
         return self.model.tokenizer(
             pixel_values.to(self.device), grids, vq=self.vq, vocab_offset=self.config.llm.vocab_size
         )
-
-    def _check_images(
-        self, pixel_values: object, image_grid_thw: object
-    ) -> list[tuple[int, int, int]]:
-        vision = self.config.tokenizer.vision_config
-        p = vision.patch_size
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(
-                f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}"
-            )
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a float tensor, got dtype {pixel_values.dtype}")
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (vision.num_channels, p, p):
-            raise ValueError(
-                f"pixel_values must have shape [N, {vision.num_channels}, {p}, {p}], "
-                f"got {list(pixel_values.shape)}"
-            )
-        if isinstance(image_grid_thw, torch.Tensor):
-            if image_grid_thw.is_floating_point() or image_grid_thw.is_complex():
-                raise ValueError(
-                    f"image_grid_thw must be an integer tensor, got {image_grid_thw.dtype}"
-                )
-            grid_list = image_grid_thw.tolist()
-        elif isinstance(image_grid_thw, Sequence):
-            grid_list = [list(g) for g in image_grid_thw]
-        else:
-            raise TypeError(
-                f"image_grid_thw must be a tensor [n, 3], got {type(image_grid_thw).__name__}"
-            )
-        if not grid_list or any(len(g) != 3 for g in grid_list):
-            raise ValueError(f"image_grid_thw must have shape [n >= 1, 3], got {grid_list}")
-        grids = []
-        for i, (t, h, w) in enumerate(grid_list):
-            if t != 1:
-                raise ValueError(f"image_grid_thw[{i}] must have t = 1 (images), got {t}")
-            if h < 2 or w < 2 or h % 2 or w % 2:
-                raise ValueError(
-                    f"image_grid_thw[{i}] = (t, h, w) = ({t}, {h}, {w}): h and w must be even and >= 2 "
-                    "(2x2 patch merge)"
-                )
-            grids.append((int(t), int(h), int(w)))
-        patches = sum(t * h * w for t, h, w in grids)
-        if patches != pixel_values.shape[0]:
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw describes {patches} "
-                f"(sum of t*h*w over {grid_list})"
-            )
-        return grids
 
     # ------------------------------------------------------------------ prompts
 
@@ -260,117 +250,15 @@ class KelixAR:
                 f"prompt_ids must be a [B, L] int64 tensor, got {type(prompt_ids).__name__}"
             )
         return torch.stack(
-            self._expand(self._check_prompts(prompt_ids, arg="prompt_ids"), image_ids)
+            requests.expand_prompts(
+                self.config,
+                requests.check_prompts(
+                    self.config, prompt_ids, arg="prompt_ids", device=self.device
+                ),
+                image_ids,
+                self.device,
+            )
         )
-
-    def _check_prompts(self, prompt_ids: object, *, arg: str) -> list[torch.Tensor]:
-        """[B, L] tensor or a list of 1-D id sequences -> list of 1-D int64 tensors on the device."""
-        if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dim() != 2:
-                raise ValueError(f"{arg} must have shape [B, L], got {list(prompt_ids.shape)}")
-            rows = list(prompt_ids)
-        elif isinstance(prompt_ids, Sequence) and not isinstance(prompt_ids, (str, bytes)):
-            rows = [torch.as_tensor(r) for r in prompt_ids]
-        else:
-            raise TypeError(
-                f"{arg} must be a [B, L] int64 tensor or a list of id lists, got {type(prompt_ids).__name__}"
-            )
-        if not rows:
-            raise ValueError(f"{arg} must hold at least one prompt, got B = 0")
-        llm = self.config.llm
-        out = []
-        for b, row in enumerate(rows):
-            if row.numel() == 0:
-                raise ValueError(f"{arg}[{b}] is empty: every prompt needs at least one token")
-            if row.dim() != 1 or row.is_floating_point() or row.dtype == torch.bool:
-                raise ValueError(
-                    f"{arg}[{b}] must be a 1-D integer sequence, got {row.dtype} {list(row.shape)}"
-                )
-            bad = (row < 0) | (row >= llm.vocab_size)
-            if bool(bad.any()):
-                i = int(torch.nonzero(bad)[0])
-                raise ValueError(
-                    f"{arg}[{b}] must hold text ids in [0, {llm.vocab_size}), got {int(row[i])} at position {i}"
-                )
-            if row.numel() > llm.max_seq_len:
-                raise ValueError(
-                    f"{arg}[{b}] has {row.numel()} tokens, longer than the model's maximum context "
-                    f"max_seq_len = {llm.max_seq_len}"
-                )
-            out.append(row.to(device=self.device, dtype=torch.int64))
-        return out
-
-    def _expand(
-        self, prompts: list[torch.Tensor], image_ids: torch.Tensor | None
-    ) -> list[torch.Tensor]:
-        llm = self.config.llm
-        placeholders = [torch.nonzero(p == llm.image_token_id).flatten() for p in prompts]
-        wanted = sum(int(p.numel()) for p in placeholders)
-        if image_ids is not None:
-            if not isinstance(image_ids, torch.Tensor):
-                raise TypeError(f"image_ids must be a torch.Tensor, got {type(image_ids).__name__}")
-            if (
-                image_ids.dim() != 2
-                or image_ids.shape[1] != llm.n_q_tokens
-                or image_ids.dtype != torch.int64
-            ):
-                raise ValueError(
-                    f"image_ids must be int64 of shape [n_tok, {llm.n_q_tokens}], "
-                    f"got {image_ids.dtype} {list(image_ids.shape)}"
-                )
-            self._check_placeholders(wanted, image_ids.shape[0])
-            bad = (image_ids < llm.vocab_size) | (image_ids >= llm.total_vocab)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"image_ids must hold visual ids in [{llm.vocab_size}, {llm.total_vocab}), "
-                    f"got {int(image_ids[bad][0])}"
-                )
-            image_ids = image_ids.to(self.device)
-        groups, used = [], 0
-        for p, where in zip(prompts, placeholders):
-            g = torch.full(
-                (p.shape[0], llm.group_size), llm.q_eos_token, dtype=torch.int64, device=self.device
-            )
-            g[:, 0] = p
-            if image_ids is None:
-                g[where, :-1] = llm.image_token_id
-            else:
-                g[where, :-1] = image_ids[used : used + where.numel()]
-                used += where.numel()
-            groups.append(g)
-        return groups
-
-    def _check_placeholders(self, placeholders: int, image_tokens: int) -> None:
-        if placeholders != image_tokens:
-            raise ValueError(
-                f"the prompt has {placeholders} image placeholders (id {self.config.llm.image_token_id}) "
-                f"but the images give {image_tokens} tokens (image_ids rows): one merged image token "
-                "per placeholder is required"
-            )
-
-    def _check_groups(self, groups: object) -> torch.Tensor:
-        llm = self.config.llm
-        if not isinstance(groups, torch.Tensor):
-            raise TypeError(f"groups must be a torch.Tensor, got {type(groups).__name__}")
-        if groups.dim() != 3 or groups.shape[-1] != llm.group_size or groups.dtype != torch.int64:
-            raise ValueError(
-                f"groups must be int64 of shape [B, L, {llm.group_size}], got {groups.dtype} {list(groups.shape)}"
-            )
-        if groups.shape[0] == 0 or groups.shape[1] == 0:
-            raise ValueError(
-                f"groups must hold at least one position, got shape {list(groups.shape)}"
-            )
-        if groups.shape[1] > llm.max_seq_len:
-            raise ValueError(
-                f"groups has {groups.shape[1]} positions, longer than max_seq_len = {llm.max_seq_len}"
-            )
-        bad = (groups < 0) | (groups >= llm.total_vocab)
-        if bool(bad.any()):
-            where = tuple(int(i) for i in torch.nonzero(bad)[0])
-            raise ValueError(
-                f"groups must hold ids in [0, {llm.total_vocab}), got {int(groups[where])} at {list(where)}"
-            )
-        return groups.to(self.device)
 
     # ------------------------------------------------------------------ scoring
 
@@ -389,7 +277,9 @@ class KelixAR:
             block_logits: [B, L, G+1, V]; row j of position i scores slot j of group i+1. The last position
                 is conditioned on group 0 (the official wrap-around), so its logits are meaningless.
         """
-        return generation.forward_teacher_forced(self.model, self._check_groups(groups))
+        return generation.forward_teacher_forced(
+            self.model, requests.check_groups(self.config, groups, self.device)
+        )
 
     @torch.inference_mode()
     def forward_greedy_blocks(
@@ -401,9 +291,73 @@ class KelixAR:
         end-of-block, or after ``max_length - 1`` steps. Returns (hidden_states as in
         :meth:`forward_teacher_forced`, block_logits [B, L, K, V]).
         """
-        return generation.forward_greedy_blocks(self.model, self._check_groups(groups))
+        return generation.forward_greedy_blocks(
+            self.model, requests.check_groups(self.config, groups, self.device)
+        )
 
     # ------------------------------------------------------------------ generation
+
+    def check_requests(
+        self,
+        prompt_ids: PromptIds,
+        *,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        max_new_blocks: int,
+        context: tuple[int, str],
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int, int]] | None]:
+        """Validate generation requests: the checks and messages that :meth:`generate` and
+        :meth:`kelix_fast.Engine.add_request` share, none of which computes anything.
+
+        ``context`` = (positions, name): the most positions a request may take (prompt + new blocks - 1)
+        and the name of that limit in messages. Returns the text prompts [L_b] int64 on the engine's
+        device and the image grids (None without images), for :meth:`layout_requests`.
+        """
+        if isinstance(max_new_blocks, bool) or not isinstance(max_new_blocks, int):
+            raise TypeError(f"max_new_blocks must be an int, got {type(max_new_blocks).__name__}")
+        if max_new_blocks < 1:
+            raise ValueError(f"max_new_blocks must be >= 1, got {max_new_blocks}")
+        prompts = requests.check_prompts(
+            self.config, prompt_ids, arg="prompt_ids", device=self.device
+        )
+        llm, (limit, limit_name) = self.config.llm, context
+        longest = max(p.numel() for p in prompts)
+        if longest + max_new_blocks - 1 > limit:
+            raise ValueError(
+                f"max_new_blocks = {max_new_blocks} with a {longest}-token prompt needs "
+                f"{longest + max_new_blocks - 1} positions, more than {limit_name} = {limit}"
+            )
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw must be given together")
+        placeholders = sum(int((p == llm.image_token_id).sum()) for p in prompts)
+        if pixel_values is None:
+            if placeholders:
+                raise ValueError(
+                    f"prompt_ids holds {placeholders} image placeholders (id {llm.image_token_id}) "
+                    "but no pixel_values were given"
+                )
+            return prompts, None
+        grids = requests.check_images(self.config, pixel_values, image_grid_thw)
+        requests.check_placeholders(
+            self.config, placeholders, sum(t * h * w // 4 for t, h, w in grids)
+        )
+        return prompts, grids
+
+    def layout_requests(
+        self,
+        prompts: list[torch.Tensor],
+        pixel_values: torch.Tensor | None,
+        grids: list[tuple[int, int, int]] | None,
+        timings: dict[str, float] | None = None,
+    ) -> list[torch.Tensor]:
+        """Checked prompts and images (:meth:`check_requests`) -> groups [L_b, G+1] int64: the images are
+        tokenized (``timings["vit_vq"]``) and their ids fill the placeholders in order."""
+        image_ids = None
+        if grids is not None:
+            timer = StageTimer(timings, self.device)
+            image_ids = self._tokenize(pixel_values, grids)
+            timer.lap("vit_vq")
+        return requests.expand_prompts(self.config, prompts, image_ids, self.device)
 
     @torch.inference_mode()
     def generate(
@@ -458,39 +412,20 @@ class KelixAR:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
         if scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
-        if isinstance(max_new_blocks, bool) or not isinstance(max_new_blocks, int):
-            raise TypeError(f"max_new_blocks must be an int, got {type(max_new_blocks).__name__}")
-        if max_new_blocks < 1:
-            raise ValueError(f"max_new_blocks must be >= 1, got {max_new_blocks}")
-        prompts = self._check_prompts(prompt_ids, arg="prompt_ids")
-        llm = self.config.llm
-        longest = max(p.numel() for p in prompts)
-        if longest + max_new_blocks - 1 > llm.max_seq_len:
-            raise ValueError(
-                f"max_new_blocks = {max_new_blocks} with a {longest}-token prompt needs "
-                f"{longest + max_new_blocks - 1} positions, more than max_seq_len = {llm.max_seq_len}"
-            )
-        batch = len(prompts)
-        params = _per_request_params(batch, temperature=temperature, top_k=top_k, top_p=top_p)
-        seeds = _request_seeds(seed, batch)
+        prompts, grids = self.check_requests(
+            prompt_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            max_new_blocks=max_new_blocks,
+            context=(self.config.llm.max_seq_len, "max_seq_len"),
+        )
+        batch, longest = len(prompts), max(p.numel() for p in prompts)
+        params = requests.per_request_params(
+            batch, temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        seeds = requests.request_seeds(seed, batch)
         graphs = self._check_decode_mode(sampler, scoring, cuda_graphs, params)
-        if (pixel_values is None) != (image_grid_thw is None):
-            raise ValueError("pixel_values and image_grid_thw must be given together")
-        placeholders = sum(int((p == llm.image_token_id).sum()) for p in prompts)
-        image_ids = None
-        if pixel_values is None:
-            if placeholders:
-                raise ValueError(
-                    f"prompt_ids holds {placeholders} image placeholders (id {llm.image_token_id}) "
-                    "but no pixel_values were given"
-                )
-        else:
-            grids = self._check_images(pixel_values, image_grid_thw)
-            self._check_placeholders(placeholders, sum(t * h * w // 4 for t, h, w in grids))
-            timer = StageTimer(timings, self.device)
-            image_ids = self._tokenize(pixel_values, grids)
-            timer.lap("vit_vq")
-        groups = self._expand(prompts, image_ids)
+        groups = self.layout_requests(prompts, pixel_values, grids, timings)
         if sampler == "reference":
             results = generation.generate_reference(
                 self.model,
@@ -504,20 +439,21 @@ class KelixAR:
                 step_callback=step_callback,
             )
         else:
-            results = device_decoding.generate(
-                self.model,
-                groups,
-                max_new_blocks=max_new_blocks,
-                params=params,
-                scoring=scoring,
-                request_seeds=seeds,
-                return_hidden_states=return_hidden_states,
-                cuda_graphs=graphs,
-                reuse=self._decode_steps if graphs else None,
-                timings=timings,
-                step_callback=step_callback,
+            core = self._engine_core(len(groups), longest + max_new_blocks - 1, graphs)
+            batch_requests = [
+                engine_core.Request(
+                    core.new_request_id(), g, p, s, max_new_blocks, scoring, return_hidden_states
+                )
+                for g, p, s in zip(groups, params, seeds)
+            ]
+            results = engine_core.generate(
+                core, batch_requests, timings=timings, step_callback=step_callback
             )
-        return self._collate(self._expand(prompts, None), results, return_hidden_states)
+        return self._collate(
+            requests.expand_prompts(self.config, prompts, None, self.device),
+            results,
+            return_hidden_states,
+        )
 
     def _check_decode_mode(
         self,
@@ -561,7 +497,7 @@ class KelixAR:
     def _collate(
         self,
         prompts: list[torch.Tensor],
-        results: list[generation.RequestOutput],
+        results: list[generation.GeneratedRequest],
         with_hidden: bool,
     ) -> GenerationOutput:
         llm = self.config.llm
@@ -647,9 +583,7 @@ class KelixPipeline:
     @classmethod
     def tiny(cls, seed: int = 0, *, device: torch.device | str | None = None) -> KelixPipeline:
         """Every model embedded and tiny, deterministic random weights: no files needed."""
-        from kelix_fast import presets  # presets builds on this module
-
-        ar = presets.tiny(seed, device=device)
+        ar = KelixAR.tiny(seed, device=device)
         dit = presets.tiny_dit(seed, device=ar.device, dtype=ar.dtype)
         vae = presets.tiny_vae(seed, device=ar.device, dtype=ar.dtype)
         aedit = presets.tiny_aedit(seed, device=ar.device, dtype=ar.dtype)
@@ -887,41 +821,3 @@ class KelixPipeline:
         from PIL import Image
 
         return Image.fromarray(pixels[0].cpu().numpy())
-
-
-def _per_request(name: str, value: Any, batch: int) -> list[Any]:
-    """One value for every request, or a sequence of exactly ``batch`` values (SamplingParams checks
-    the values themselves)."""
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        return [value] * batch
-    if len(value) != batch:
-        raise ValueError(
-            f"{name} must be one value or {batch} values (one per request), got {len(value)} values"
-        )
-    return list(value)
-
-
-def _per_request_params(batch: int, *, temperature, top_k, top_p) -> list[SamplingParams]:
-    temperatures = _per_request("temperature", temperature, batch)
-    top_ks = _per_request("top_k", top_k, batch)
-    top_ps = _per_request("top_p", top_p, batch)
-    return [SamplingParams(t, k, p) for t, k, p in zip(temperatures, top_ks, top_ps)]
-
-
-def _request_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
-    """Each request's seed in [0, 2^31); None draws them from torch's global RNG."""
-    if seed is None:
-        return torch.randint(2**SEED_BITS, (batch,)).tolist()
-    seeds = [seed] * batch if isinstance(seed, int) and not isinstance(seed, bool) else seed
-    if (
-        not isinstance(seeds, Sequence)
-        or len(seeds) != batch
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise ValueError(
-            f"seed must be None, an int or a list of {batch} ints (one per request), got {seed!r}"
-        )
-    bad = [s for s in seeds if not 0 <= s < 2**SEED_BITS]
-    if bad:
-        raise ValueError(f"seed must lie in [0, 2^{SEED_BITS}), got {bad[0]}")
-    return list(seeds)

@@ -1,7 +1,10 @@
-"""Embedded model presets: configurations and deterministic random weights that need no files.
+"""Embedded model presets: configurations, deterministic random weights and models that need no files.
 
-``tiny()`` is a complete Kelix AR model with the release's token layout (text vocabulary 151,936 with the
-Qwen/Kelix special ids, 8 sub-codebooks after it) and small widths: for the demo, tests and examples.
+:func:`tiny_config` is a complete Kelix AR configuration with the release's token layout (text vocabulary
+151,936 with the Qwen/Kelix special ids, 8 sub-codebooks after it) and small widths, for the demo, tests
+and examples (``KelixAR.tiny()`` loads it with :func:`random_weights`); :func:`release_config` has the
+release's shapes. The tiny DiT, AEDIT and DC-AE are built here too. This module builds models and
+weights only: the engines that wrap them (``KelixAR``, ``KelixPipeline``) build on it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from kelix_fast.api import KelixAR
 from kelix_fast.config import (
     BlockDecoderConfig,
     KelixARConfig,
@@ -30,7 +32,6 @@ from kelix_fast.weights import engine_placement
 
 __all__ = [
     "random_weights",
-    "tiny",
     "tiny_aedit",
     "tiny_aedit_config",
     "tiny_config",
@@ -271,17 +272,3 @@ def write_checkpoint(
         weight_map.update(dict.fromkeys(part, name))
     with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
-
-
-def tiny(
-    seed: int = 0,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    vq: str = "reference",
-) -> KelixAR:
-    """The embedded tiny Kelix AR model (:func:`tiny_config`) with :func:`random_weights` of ``seed``."""
-    config = tiny_config()
-    return KelixAR.from_weights(
-        config, random_weights(config, seed), device=device, dtype=dtype, vq=vq
-    )

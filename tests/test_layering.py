@@ -1,8 +1,8 @@
 """Imports go down the layers only (ARCHITECTURE.md "Layers", STYLE.md §1).
 
 Bottom to top: foundation (config, weights, processor) < kernels (kelix_fast.triton_kernels,
-kelix_fast._C) < ops < models < runtime < user-facing (api, cli, presets, the package root). A module
-may import its own layer and the layers below it. On top of that, triton_kernels/ imports nothing
+kelix_fast._C) < ops < models (and presets) < runtime < user-facing (api, engine, cli, the package
+root). A module may import its own layer and the layers below it, and no import cycle is allowed. On top of that, triton_kernels/ imports nothing
 from kelix_fast but itself, and nothing anywhere imports a top-level `triton_kernels` (it is only
 ever installed as kelix_fast.triton_kernels). Every import is checked, also those inside functions
 and under `if TYPE_CHECKING:`. A new top-level module of kelix_fast must be given a layer below.
@@ -30,11 +30,13 @@ LAYERS: dict[str, int] = {
     "kelix_fast.config": FOUNDATION,
     "kelix_fast.weights": FOUNDATION,
     "kelix_fast.processor": FOUNDATION,
+    "kelix_fast._native_build": FOUNDATION,  # stdlib only: setup.py loads it before kelix_fast exists
     "kelix_fast.models": MODELS,
     "kelix_fast.runtime": RUNTIME,
     "kelix_fast.api": USER_FACING,
+    "kelix_fast.engine": USER_FACING,
     "kelix_fast.cli": USER_FACING,
-    "kelix_fast.presets": USER_FACING,
+    "kelix_fast.presets": MODELS,  # builds models and weights; the engines build on it
     PACKAGE: USER_FACING,  # kelix_fast/__init__.py re-exports the API
 }
 
@@ -155,6 +157,65 @@ def test_no_upward_imports() -> None:
     assert not violations, "layering violations:\n" + "\n".join(map(str, violations))
 
 
+def import_graph() -> dict[str, set[str]]:
+    """kelix_fast module -> the kelix_fast modules it imports (a name that is no module stands for the
+    module it comes from; every import counts, those inside functions too)."""
+    modules = {module_name(path)[0]: path for path in source_files()}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        is_package = path.name == "__init__.py"
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                for name in imported_names(node, module, is_package):
+                    while name and name not in modules:
+                        name = name.rpartition(".")[0]
+                    if name and name != module:
+                        edges.add(name)
+        graph[module] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target) :] + [target]
+            if target not in state and (cycle := visit(target)) is not None:
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)) is not None:
+            return cycle
+    return None
+
+
+def test_no_import_cycles() -> None:
+    """Layers forbid upward imports; this also forbids cycles inside a layer (e.g. two user-facing
+    modules importing each other, or a module importing the package root that re-exports it), which
+    work only while the import order happens to allow them."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    # The cycle this layout removed: the user-facing API and the presets importing each other.
+    graph = import_graph()
+    graph["kelix_fast.presets"].add("kelix_fast.api")
+    assert find_cycle(graph) is not None
+
+
 # The checker itself, on small synthetic sources.
 EXISTING = frozenset({"ops", "models", "runtime", "config", "api", "cli", "_C", "triton_kernels"})
 
@@ -187,7 +248,7 @@ EXISTING = frozenset({"ops", "models", "runtime", "config", "api", "cli", "_C", 
         ("kelix_fast.models.llm", False, "from kelix_fast.runtime import sampling", True),
         ("kelix_fast.models.llm", False, "from kelix_fast.cli import main", True),
         ("kelix_fast.runtime.sampling", False, "from kelix_fast.models.llm import LLM", False),
-        ("kelix_fast.runtime.sampling", False, "from ..presets import PRESETS", True),
+        ("kelix_fast.runtime.sampling", False, "from ..api import KelixAR", True),
         ("kelix_fast.cli", False, "from kelix_fast.api import KelixAR", False),
         ("kelix_fast", True, "from .api import KelixAR\nfrom .ops import attention", False),
         ("kelix_fast.triton_kernels.attention", False, "import torch\nimport triton", False),

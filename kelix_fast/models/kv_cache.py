@@ -8,8 +8,10 @@ import torch
 class KVCache:
     """Keys and values of every layer: ``k, v: [num_layers, B, capacity, Hkv, d]``.
 
-    Allocated once per generation call, sized from the requests; rows past a request's length hold stale
-    values that attention masks out by ``kv_lens``.
+    Allocated once and written in place: the engine's decode slots (runtime/device_decoding.py) keep one
+    for as long as the slots live, across requests and generate calls, and each new request overwrites
+    its row from position 0. Positions past a request's length hold stale values that attention masks
+    out by ``kv_lens``.
     """
 
     def __init__(
@@ -30,6 +32,17 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
+
+    def rows(self, stop: int) -> KVCache:
+        """The cache of requests ``[0, stop)``: a view sharing this cache's storage."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, :stop], self.v[:, :stop]
+        return view
+
+    def copy_prefix(self, row: int, source: KVCache, source_row: int, length: int) -> None:
+        """Copy positions ``[0, length)`` of ``source``'s request ``source_row`` into request ``row``."""
+        self.k[:, row, :length] = source.k[:, source_row, :length]
+        self.v[:, row, :length] = source.v[:, source_row, :length]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor) -> None:
         """Store ``k, v: [B, T, Hkv, d]`` of request b at positions ``start[b] .. start[b] + T - 1``."""

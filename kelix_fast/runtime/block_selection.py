@@ -61,12 +61,22 @@ class SelectionPlan:
         config: LLMConfig,
         params: Sequence[SamplingParams],
         *,
-        scoring: str,
+        scoring: str | Sequence[str],
         device: torch.device,
     ) -> None:
-        if scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
-        self.scoring = scoring
+        """``params``: one per row; ``scoring``: one for every row or one per row."""
+        scorings = [scoring] * len(params) if isinstance(scoring, str) else list(scoring)
+        if len(scorings) != len(params):
+            raise ValueError(f"scoring must be one value or {len(params)}, got {len(scorings)}")
+        for value in scorings:
+            if value not in SCORINGS:
+                raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {value!r}")
+        # None when no row is structured (the common case: no per-step where); else [n, 1, 1] bool.
+        self._structured = (
+            torch.tensor([s == "structured" for s in scorings], device=device)[:, None, None]
+            if "structured" in scorings
+            else None
+        )
         self.q_eos = config.q_eos_token
         self.text_vocab = config.vocab_size
         self.codes = config.codebook_size // config.n_q_tokens  # ids per sub-codebook
@@ -94,8 +104,8 @@ class SelectionPlan:
     def allowed(self, slot: int, first: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """[n, 2, 2] int64 ranges of slot ``slot`` given slot-0 ids first [n] and ended [n] bool."""
         allowed = self._every_id.expand(first.shape[0], 2, 2)
-        if self.scoring == "structured" and slot >= 1:
-            visual = (first >= self.text_vocab)[:, None, None]
+        if self._structured is not None and slot >= 1:
+            visual = (first >= self.text_vocab)[:, None, None] & self._structured
             allowed = torch.where(visual, self._sub_codebook[slot], allowed)
         return torch.where(ended[:, None, None], self._eos_only, allowed)
 

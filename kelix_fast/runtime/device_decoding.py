@@ -1,23 +1,25 @@
-"""Next-Block-Prediction generation that stays on the device (kelix-ar.md §5.5, §7.4).
+"""Next-Block-Prediction decoding that stays on the device (kelix-ar.md §5.5, §7.4): the decode slots.
 
-One decode step = one LLM step on every request's previous block + the next block of every request: a
+One decode step = one LLM step on every running request's latest block + the next block of each: a
 fixed ``max_length - 1`` Block Decoder steps with its KV cache, each scored and selected by
 ``ops.head_select`` (final norm + output head + selection fused, no logits in memory). A row whose block
-has ended keeps running, restricted to ``q_eos`` (see runtime/block_selection.py), so the step has no
-data-dependent control flow: nothing is read back to the host inside it, and on CUDA the whole step is
-captured once as a CUDA graph and replayed (:class:`DecodeSteps`; :class:`DecodeStepsCache` keeps the
-graph for later calls of the same batch/capacity bucket). The host checks whether every request has stopped only every
-``check_every`` steps; a stopped request's later blocks are computed and dropped (its output is cut at its
-first ``<|im_end|>`` group), so results never depend on the batch or on ``check_every``.
+has ended keeps running, restricted to ``q_eos`` (runtime/block_selection.py), so a step has no
+data-dependent control flow: nothing is read back to the host inside it, and on CUDA it is captured
+once per shape as a CUDA graph and replayed.
 
-Greedy results equal the reference loop (runtime/generation.py) exactly; sampled draws use per-draw seeds
-(:func:`~kelix_fast.runtime.block_selection.slot_seeds`) instead of a torch.Generator stream.
+:class:`DecodeSlots` holds ``max_batch`` request slots with their KV caches and the latest block of each.
+Requests are admitted into free slots (prefill + first block, eager) while the others are mid-generation,
+and a step runs the rows ``[0, bucket)`` (``bucket``: the power of two that covers the highest occupied
+slot), so one captured graph serves every mix of requests of that bucket and sampling parameters. A free
+row inside the bucket is computed and ignored; it never advances its position, and admission overwrites
+it whole. Each row's work depends on that row alone, so a request's output never depends on what shares
+the slots. The scheduler is runtime/engine_core.py.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -26,9 +28,7 @@ from kelix_fast.models.kelix_ar import KelixARModel
 from kelix_fast.models.kv_cache import KVCache
 from kelix_fast.runtime.block_decoding import NOT_GENERATED, close_blocks
 from kelix_fast.runtime.block_selection import SelectionPlan, slot_seeds
-from kelix_fast.runtime.generation import RequestOutput, prefill
-from kelix_fast.runtime.sampling import SamplingParams
-from kelix_fast.runtime.timing import StageTimer
+from kelix_fast.runtime.prefill import prefill
 
 
 def decode_block(
@@ -42,8 +42,8 @@ def decode_block(
     """The next block of every row from LLM hidden states [n, D]: groups [n, G+1] and the chain [n, G+1].
 
     ``cache`` is the Block Decoder cache ([*, n, max_length, ...], overwritten); ``request_seeds`` [n]
-    and ``block`` ([1] or [n] int64) seed the draws. The chain holds the id chosen at each step, and
-    ``NOT_GENERATED`` (-1) after the row's end-of-block, as the reference loop's.
+    and ``block`` ([1] or [n] int64, each row's new-block index) seed the draws. The chain holds the id
+    chosen at each step, and ``NOT_GENERATED`` (-1) after the row's end-of-block, as the reference loop's.
     """
     llm, decoder = model.llm, model.block_decoder
     q_eos, n = plan.q_eos, hidden.shape[0]
@@ -69,236 +69,128 @@ def decode_block(
     return close_blocks(chain, q_eos), chain
 
 
-class DecodeSteps:
-    """The static tensors of the decode steps of one shape (batch, KV capacity, selection plan) and the
-    step itself, run eagerly or, with ``cuda_graph``, captured once as a CUDA graph and replayed.
+class DecodeSlots:
+    """``max_batch`` request slots: their KV caches (``capacity`` positions each) and latest blocks.
 
-    The graph reads fixed addresses: the KV caches, the request seeds and the latest block of each
-    request (``groups``, ``chain``, the ``hidden`` state it came from, its position ``pos`` and index
-    ``block``). :meth:`start` refills them for a new call, so one capture serves every later call of the
-    same shape (see :class:`DecodeStepsCache`).
+    Per row: ``groups``/``chain`` [G+1] (the latest block and its Block Decoder chain), ``hidden`` [D] (the
+    LLM state it came from), ``pos`` (its position), ``block`` (its new-block index), ``seeds`` (the
+    request's seed) and ``active``. :meth:`admit` fills rows for new requests; :meth:`advance` runs a
+    decode step over rows ``[0, bucket)``, eagerly or, with ``cuda_graphs``, as a CUDA graph captured
+    once per (bucket, selection) and kept (the ``max_graphs`` latest).
     """
 
     def __init__(
         self,
         model: KelixARModel,
-        batch: int,
+        max_batch: int,
         capacity: int,
-        plan: SelectionPlan,
         *,
-        cuda_graph: bool,
+        cuda_graphs: bool,
+        max_graphs: int = 4,
     ) -> None:
         llm, width = model.llm, model.config.llm.group_size
         device, dtype = llm.norm.scale.device, llm.norm.scale.dtype
-        self.model, self.plan, self.capacity, self.cuda_graph = model, plan, capacity, cuda_graph
-        self.cache = llm.new_cache(batch, capacity)
-        self.block_cache = model.block_decoder.new_cache(batch)
-        self.seeds = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.groups = torch.zeros(batch, width, dtype=torch.int64, device=device)
+        self.model, self.max_batch, self.capacity = model, max_batch, capacity
+        self.cuda_graphs, self.max_graphs = cuda_graphs, max_graphs
+        self.cache = llm.new_cache(max_batch, capacity)
+        self.block_cache = model.block_decoder.new_cache(max_batch)
+        self.seeds = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.groups = torch.zeros(max_batch, width, dtype=torch.int64, device=device)
         self.chain = torch.zeros_like(self.groups)
-        self.hidden = torch.zeros(batch, model.config.llm.embed_dim, dtype=dtype, device=device)
-        self.pos = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.block = torch.zeros(1, dtype=torch.int64, device=device)
-        self._graph: torch.cuda.CUDAGraph | None = None
-
-    def start(
-        self, prompts: Sequence[torch.Tensor], request_seeds: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill the prompts (exactly ``batch`` of them) and decode their first block (eager).
-
-        Returns the prompts' last-layer states h [B, L_max, D] and lengths [B].
-        """
-        self.seeds.copy_(request_seeds)
-        h, _, _, lengths = prefill(
-            self.model, prompts, self.capacity, hidden_states=False, cache=self.cache
+        self.hidden = torch.zeros(max_batch, model.config.llm.embed_dim, dtype=dtype, device=device)
+        self.pos = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.block = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.active = torch.zeros(max_batch, dtype=torch.int64, device=device)  # 1 = running
+        # (bucket, selection key) -> (plan, graph or None when eager); least recently used first.
+        self._steps: OrderedDict[tuple, tuple[SelectionPlan, torch.cuda.CUDAGraph | None]] = (
+            OrderedDict()
         )
-        self.hidden.copy_(h[torch.arange(len(prompts), device=h.device), lengths - 1])
-        self.pos.copy_(lengths - 1)
-        self.block.zero_()
-        self._decode()
-        return h, lengths
 
-    def advance(self) -> None:
-        """One decode step: the LLM on every request's latest block, then the next block."""
-        if not self.cuda_graph:
-            self._step()
-        elif self._graph is not None:
-            self._graph.replay()
-        else:
-            # Warm up on a side stream (a real step: kernels compile, workspaces are allocated), then
-            # capture; capture records without executing, so the state advances exactly once.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step()
-            self._graph = graph
+    @property
+    def device(self) -> torch.device:
+        return self.groups.device
 
-    def _step(self) -> None:
-        llm = self.model.llm
-        self.pos += 1
-        self.block += 1
-        h, _ = llm(llm.embed(self.groups[:, None]), self.cache, self.pos, self.pos + 1)
-        self.hidden.copy_(h[:, 0])
-        self._decode()
-
-    def _decode(self) -> None:
-        groups, chain = decode_block(
-            self.model, self.hidden, self.block_cache, self.plan, self.seeds, self.block
-        )
-        self.groups.copy_(groups)
-        self.chain.copy_(chain)
-
-
-class DecodeStepsCache:
-    """:class:`DecodeSteps` kept across generate calls, one per (batch bucket, capacity bucket, plan).
-
-    Batches are padded to a power of two and KV capacities rounded up to a multiple of
-    ``CAPACITY_STEP`` (within ``max_seq_len``), so calls of similar sizes replay the same captured graph.
-    The least recently used entries beyond ``max_entries`` are dropped with their KV caches and graphs.
-    """
-
-    CAPACITY_STEP = 512
-
-    def __init__(self, max_entries: int = 2) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(
-                f"DecodeStepsCache: max_entries must be an int >= 1, got {max_entries!r}"
-            )
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, DecodeSteps] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    @staticmethod
-    def bucket(batch: int, capacity: int, max_seq_len: int) -> tuple[int, int]:
-        """(padded batch, rounded capacity) for a call."""
-        step = DecodeStepsCache.CAPACITY_STEP
-        return 1 << (batch - 1).bit_length(), min(-(-capacity // step) * step, max_seq_len)
-
-    def get(
+    def admit(
         self,
-        model: KelixARModel,
-        batch: int,
-        capacity: int,
-        params: Sequence[SamplingParams],
-        scoring: str,
-        *,
-        cuda_graph: bool,
-    ) -> DecodeSteps:
-        key = (batch, capacity, tuple(params), scoring, cuda_graph)
-        steps = self._entries.pop(key, None)
-        if steps is None:
-            while len(self._entries) >= self.max_entries:
-                self._entries.popitem(last=False)
-            device = model.llm.norm.scale.device
-            plan = SelectionPlan(model.config.llm, params, scoring=scoring, device=device)
-            steps = DecodeSteps(model, batch, capacity, plan, cuda_graph=cuda_graph)
-        self._entries[key] = steps
-        return steps
+        rows: Sequence[int],
+        prompts: Sequence[torch.Tensor],
+        request_seeds: Sequence[int],
+        plan: SelectionPlan,
+    ) -> torch.Tensor:
+        """Prefill ``prompts`` ([L_i, G+1] int64) into free ``rows`` and decode their first block (eager).
 
+        ``plan`` selects for these rows, in order. Returns the prompts' last-layer states [n, L_max, D]
+        (request i valid in ``[:L_i]``); the new rows' first blocks are in :attr:`groups`/:attr:`chain`.
+        """
+        n, lengths = len(rows), [p.shape[0] for p in prompts]
+        longest = max(lengths)
+        with ops.trusted_values():
+            h, _, cache, lengths_t = prefill(self.model, prompts, longest, hidden_states=False)
+            for i, (row, length) in enumerate(zip(rows, lengths)):
+                self.cache.copy_prefix(row, cache, i, length)
+            index = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
+            hidden = h[torch.arange(n, device=self.device), lengths_t - 1]
+            seeds = torch.tensor(list(request_seeds), dtype=torch.int64, device=self.device)
+            block = torch.zeros(n, dtype=torch.int64, device=self.device)
+            block_cache = self.model.block_decoder.new_cache(n)
+            groups, chain = decode_block(self.model, hidden, block_cache, plan, seeds, block)
+        self.groups[index], self.chain[index], self.hidden[index] = groups, chain, hidden
+        self.pos[index], self.block[index] = lengths_t - 1, block
+        self.seeds[index], self.active[index] = seeds, 1
+        return h
 
-def generate(
-    model: KelixARModel,
-    prompts: Sequence[torch.Tensor],
-    *,
-    max_new_blocks: int,
-    params: Sequence[SamplingParams],
-    scoring: str,
-    request_seeds: Sequence[int],
-    return_hidden_states: bool,
-    cuda_graphs: bool,
-    reuse: DecodeStepsCache | None = None,
-    check_every: int = 8,
-    timings: dict[str, float] | None = None,
-    step_callback: Callable[[int], None] | None = None,
-) -> list[RequestOutput]:
-    """Generate up to ``max_new_blocks`` groups after each prompt (prompts: [L_b, G+1] int64, validated).
+    def release(self, row: int) -> None:
+        """Free ``row``: it stops advancing (its contents stay until the next admission overwrites them)."""
+        self.active[row] = 0
 
-    ``params``, ``request_seeds`` (in [0, 2^31)): one per prompt. ``cuda_graphs`` (CUDA only) captures
-    the decode step once and replays it. With ``reuse``, the batch is padded to its bucket (copies of
-    the first request, dropped from the results) and the steps, graph included, come from and stay in
-    that cache. ``timings`` receives ``prefill`` (LLM + first block) and ``decode`` seconds;
-    ``step_callback(n)`` is called after the n-th new group of the batch is launched.
-    """
-    eos, device = model.config.llm.eos_token_id, prompts[0].device
-    timer = StageTimer(timings, device)
-    batch = len(prompts)
-    capacity = max(p.shape[0] for p in prompts) + max_new_blocks - 1
-    with torch.inference_mode(), ops.trusted_values():
-        if reuse is None:
-            plan = SelectionPlan(model.config.llm, params, scoring=scoring, device=device)
-            steps = DecodeSteps(model, batch, capacity, plan, cuda_graph=cuda_graphs)
-        else:
-            padded, capacity = reuse.bucket(batch, capacity, model.config.llm.max_seq_len)
-            extra = padded - batch
-            prompts = [*prompts, *[prompts[0]] * extra]
-            params = [*params, *[params[0]] * extra]
-            request_seeds = [*request_seeds, *[request_seeds[0]] * extra]
-            steps = reuse.get(model, padded, capacity, params, scoring, cuda_graph=cuda_graphs)
-        seeds = torch.tensor(request_seeds, dtype=torch.int64, device=device)
-        h, lengths = steps.start(prompts, seeds)
-        out_groups = torch.empty(
-            len(prompts), max_new_blocks, steps.groups.shape[1], dtype=torch.int64, device=device
+    def advance(self, bucket: int, plan_key: tuple, make_plan) -> None:
+        """One decode step of rows ``[0, bucket)``: the LLM on each running row's latest block, then the
+        next block. ``make_plan()`` builds the :class:`SelectionPlan` of these rows the first time
+        ``(bucket, plan_key)`` is seen; the step (graph) is kept for later calls of the same key."""
+        key = (bucket, plan_key)
+        entry = self._steps.pop(key, None)
+        if entry is None:
+            while len(self._steps) >= self.max_graphs:
+                self._steps.popitem(last=False)
+            entry = (make_plan(), None)
+        plan, graph = entry
+        with ops.trusted_values():
+            if not self.cuda_graphs:
+                self._step(bucket, plan)
+            elif graph is not None:
+                graph.replay()
+            else:
+                # Warm up on a side stream (a real step: kernels compile, workspaces are allocated),
+                # then capture; capture records without executing, so the state advances once.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._step(bucket, plan)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._step(bucket, plan)
+        self._steps[key] = (plan, graph)
+
+    def clear_graphs(self) -> None:
+        """Drop the kept steps and their CUDA graphs (rebuilt on demand)."""
+        self._steps.clear()
+
+    def _step(self, bucket: int, plan: SelectionPlan) -> None:
+        llm, active = self.model.llm, self.active[:bucket]
+        pos, block = self.pos[:bucket], self.block[:bucket]
+        # A free row keeps its position (so it never writes past its cache) and is otherwise ignored.
+        pos += active
+        block += active
+        h, _ = llm(llm.embed(self.groups[:bucket, None]), self.cache.rows(bucket), pos, pos + 1)
+        self.hidden[:bucket] = h[:, 0]
+        groups, chain = decode_block(
+            self.model,
+            self.hidden[:bucket],
+            self.block_cache.rows(bucket),
+            plan,
+            self.seeds[:bucket],
+            block,
         )
-        out_chains = torch.empty_like(out_groups)
-        out_hidden = None
-        if return_hidden_states:
-            out_hidden = torch.empty(
-                len(prompts), max_new_blocks - 1, h.shape[-1], dtype=h.dtype, device=device
-            )
-
-        def record(n: int) -> None:
-            out_groups[:, n] = steps.groups
-            out_chains[:, n] = steps.chain
-            if out_hidden is not None and n > 0:
-                out_hidden[:, n - 1] = steps.hidden
-            if step_callback is not None:
-                step_callback(n + 1)
-
-        record(0)
-        timer.lap("prefill")
-        done = 1
-        while done < max_new_blocks:
-            stops = out_groups[:batch, :done, 0] == eos
-            if done % check_every == 0 and bool(stops.any(1).all()):
-                break  # every request has stopped: one host read per check_every blocks
-            steps.advance()
-            record(done)
-            done += 1
-        timer.lap("decode")
-    hidden = None if out_hidden is None else out_hidden[:batch]
-    return _requests(
-        h[:batch],
-        lengths[:batch],
-        out_groups[:batch, :done],
-        out_chains[:batch, :done],
-        hidden,
-        eos,
-    )
-
-
-def _requests(h, lengths, groups, chains, hidden, eos) -> list[RequestOutput]:
-    """Cut each request after its first ``<|im_end|>`` group and collect its outputs (host side)."""
-    stops = groups[:, :, 0] == eos
-    steps = groups.shape[1]
-    first = torch.where(stops.any(1), stops.int().argmax(1) + 1, steps).tolist()
-    return [
-        RequestOutput(
-            new_groups=groups[b, :n],
-            chains=chains[b, :n],
-            hidden=(
-                torch.cat([h[b, : int(lengths[b])], hidden[b, : n - 1]])
-                if hidden is not None
-                else None
-            ),
-        )
-        for b, n in enumerate(first)
-    ]
+        self.groups[:bucket] = groups
+        self.chain[:bucket] = chain

@@ -18,51 +18,19 @@ from dataclasses import dataclass
 import torch
 
 from kelix_fast.models.kelix_ar import KelixARModel
-from kelix_fast.models.kv_cache import KVCache
 from kelix_fast.runtime.block_decoding import decode_blocks, run_chain
+from kelix_fast.runtime.prefill import prefill
 from kelix_fast.runtime.sampling import SamplingParams
 from kelix_fast.runtime.timing import StageTimer
 
 
 @dataclass
-class RequestOutput:
+class GeneratedRequest:
     """One request: new_groups [n, G+1]; chains [n, G+1] (-1 = step not run); hidden [L + n - 1, D] or None."""
 
     new_groups: torch.Tensor
     chains: torch.Tensor
     hidden: torch.Tensor | None
-
-
-def prefill(
-    model: KelixARModel,
-    prompts: Sequence[torch.Tensor],
-    capacity: int,
-    *,
-    hidden_states: bool,
-    cache: KVCache | None = None,
-):
-    """Right-pad the prompts [L_b, G+1] into one batch and run the LLM over them, filling ``cache`` (a
-    new one of ``capacity`` positions when None; else one of that capacity and batch, overwritten)."""
-    llm = model.llm
-    lengths = torch.tensor([p.shape[0] for p in prompts], device=prompts[0].device)
-    batch = torch.full(
-        (len(prompts), int(lengths.max()), prompts[0].shape[1]),
-        model.config.llm.q_eos_token,  # padding groups embed to zero and are never attended to
-        dtype=torch.int64,
-        device=prompts[0].device,
-    )
-    for b, p in enumerate(prompts):
-        batch[b, : p.shape[0]] = p
-    if cache is None:
-        cache = llm.new_cache(len(prompts), capacity)
-    h, states = llm(
-        llm.embed(batch),
-        cache,
-        torch.zeros_like(lengths),
-        lengths,
-        output_hidden_states=hidden_states,
-    )
-    return h, states, cache, lengths
 
 
 def generate_reference(
@@ -76,7 +44,7 @@ def generate_reference(
     return_hidden_states: bool,
     timings: dict[str, float] | None = None,
     step_callback: Callable[[int], None] | None = None,
-) -> list[RequestOutput]:
+) -> list[GeneratedRequest]:
     """Generate up to ``max_new_blocks`` groups after each prompt (prompts: [L_b, G+1] int64, validated).
 
     ``timings``, when given, receives the seconds of the ``prefill`` (LLM + first block) and ``decode``;
@@ -112,7 +80,7 @@ def generate_reference(
             for b in torch.nonzero(~done).flatten().tolist():
                 hidden[b].append(h[b])  # [1, D]
     return [
-        RequestOutput(
+        GeneratedRequest(
             new_groups=torch.stack(new_groups[b]),
             chains=torch.stack(chains[b]),
             hidden=torch.cat(hidden[b]) if return_hidden_states else None,

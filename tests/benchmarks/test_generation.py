@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from benchmarks import generation, run
-from kelix_fast import presets
+from kelix_fast import KelixAR, presets
 from kelix_fast.presets import release_config, tiny_config
-from kelix_fast.runtime import device_decoding
+from kelix_fast.runtime import engine_core
 from kelix_fast.runtime.sampling import SamplingParams
 
 CPU = torch.device("cpu")
@@ -21,15 +21,13 @@ Q_EOS, SLOTS = presets.Q_EOS, 8
 def engine_groups(model, prompts, blocks: int, scoring: str = "full") -> list[torch.Tensor]:
     """The engine's greedy groups per request ([n_b, G+1], cut at its stop), eager."""
     greedy = [SamplingParams(top_k=1)] * len(prompts)
-    outputs = device_decoding.generate(
+    outputs = engine_core.generate_batch(
         model,
         prompts,
         max_new_blocks=blocks,
         params=greedy,
         scoring=scoring,
         request_seeds=[0] * len(prompts),
-        return_hidden_states=False,
-        cuda_graphs=False,
     )
     return [out.new_groups for out in outputs]
 
@@ -54,7 +52,7 @@ def test_official_loop_equals_the_engine_on_the_benchmark_model():
 def test_official_loop_equals_the_engine_when_blocks_end_early():
     """The preset's head favours q_eos, so blocks end at different slots: the stop rule and the
     closing of a block after its end-of-block are exercised too."""
-    model = presets.tiny(seed=5, device="cpu").model
+    model = KelixAR.tiny(seed=5, device="cpu").model
     text = [presets.IM_START, 872, 198, 1000, 2000, presets.IM_END, 198, presets.IM_START, 77091]
     prompts = [torch.tensor([[t] + [Q_EOS] * SLOTS for t in text[: 9 - b]]) for b in range(2)]
     groups, _ = generation.official_generate(model, prompts, max_new_blocks=3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kelix_fast import presets
+from kelix_fast import KelixAR, presets
 from kelix_fast.processor import image_to_patches
 
 PROMPT = [presets.IM_START, 872, 198, presets.IM_END, 198, presets.IM_START, 77091, 198]
@@ -13,7 +13,7 @@ PROMPT = [presets.IM_START, 872, 198, presets.IM_END, 198, presets.IM_START, 770
 
 @pytest.fixture(scope="module")
 def tiny():
-    return presets.tiny(seed=0, device="cpu")
+    return KelixAR.tiny(seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +207,9 @@ def test_scoring_rejects_bad_groups(tiny, groups, error, match):
 
 def test_constructor_rejects_unknown_modes():
     with pytest.raises(ValueError, match=r"vq must be one of \['reference', 'exact'\], got 'fast'"):
-        presets.tiny(device="cpu", vq="fast")
+        KelixAR.tiny(device="cpu", vq="fast")
     with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
-        presets.tiny(device="cpu", dtype=torch.int8)
+        KelixAR.tiny(device="cpu", dtype=torch.int8)
 
 
 def test_reference_sampler_takes_one_set_of_parameters(tiny):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kelix_fast import presets
+from kelix_fast import KelixAR, presets
 from kelix_fast.processor import image_to_patches
 
 IM_START, IM_END, USER, ASSISTANT, NL = presets.IM_START, presets.IM_END, 872, 77091, 198
@@ -13,7 +13,7 @@ IM_START, IM_END, USER, ASSISTANT, NL = presets.IM_START, presets.IM_END, 872, 7
 
 @pytest.fixture(scope="module")
 def tiny():
-    return presets.tiny(seed=3, device="cpu")
+    return KelixAR.tiny(seed=3, device="cpu")
 
 
 def _prompts():
@@ -89,7 +89,7 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny):
 
 def test_generation_stops_at_im_end_in_slot_zero(tiny):
     """Force the stop id to win slot 0 of the first block: generation ends after it, first block included."""
-    engine = presets.tiny(seed=3, device="cpu")
+    engine = KelixAR.tiny(seed=3, device="cpu")
     head = engine.model.llm.output.weight
     head[IM_END] = engine.model.llm.norm.scale.sign() * 50.0  # dominates every row's logits
     out = engine.generate([_prompts()[1]], max_new_blocks=5)

@@ -1,15 +1,17 @@
-"""The engine's decode loop (runtime/device_decoding.py) against the reference loop (runtime/generation.py):
-greedy equality, per-request sampling, the stop check, no host synchronisation inside a step, and CUDA
-graphs on a GPU (structured scoring: tests/engine/test_structured_scoring.py)."""
+"""The engine's decode loop (runtime/device_decoding.py's slots driven by runtime/engine_core.py) against
+the reference loop (runtime/generation.py): greedy equality, per-request sampling, the stop check, no host
+synchronisation inside a step, and CUDA graphs on a GPU (structured scoring:
+tests/engine/test_structured_scoring.py; continuous batching: tests/runtime/test_engine_core.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kelix_fast import ops, presets
-from kelix_fast.runtime import device_decoding, generation
+from kelix_fast import KelixAR, ops, presets
+from kelix_fast.runtime import device_decoding, engine_core, generation, requests
 from kelix_fast.runtime.block_selection import SelectionPlan, host_bound_reason, slot_seeds
+from kelix_fast.runtime.prefill import prefill
 from kelix_fast.runtime.sampling import SamplingParams
 
 IM_START, IM_END, USER, ASSISTANT, NL = presets.IM_START, presets.IM_END, 872, 77091, 198
@@ -22,28 +24,27 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    return presets.tiny(seed=5, device="cpu")
+    return KelixAR.tiny(seed=5, device="cpu")
 
 
 def _groups(engine, prompts):
-    return engine._expand(engine._check_prompts(prompts, arg="prompt_ids"), None)
+    device = engine.device
+    checked = requests.check_prompts(engine.config, prompts, arg="prompt_ids", device=device)
+    return requests.expand_prompts(engine.config, checked, None, device)
 
 
-def _run(
-    engine, prompts, params, *, seeds=None, scoring="full", check_every=8, blocks=7, reuse=None
-):
-    return device_decoding.generate(
-        engine.model,
-        _groups(engine, prompts),
-        max_new_blocks=blocks,
-        params=params,
-        scoring=scoring,
-        request_seeds=seeds or [7] * len(prompts),
-        return_hidden_states=True,
-        cuda_graphs=False,
-        reuse=reuse,
-        check_every=check_every,
-    )
+def _run(engine, prompts, params, *, seeds=None, check_every=8, blocks=7, core=None):
+    groups, seeds = _groups(engine, prompts), seeds or [7] * len(prompts)
+    if core is None:
+        capacity = max(g.shape[0] for g in groups) + blocks - 1
+        core = engine_core.EngineCore(
+            engine.model, max_batch=len(prompts), capacity=capacity, cuda_graphs=False
+        )
+    batch = [
+        engine_core.Request(core.new_request_id(), g, p, s, blocks, return_hidden_states=True)
+        for g, p, s in zip(groups, params, seeds)
+    ]
+    return engine_core.generate(core, batch, check_every=check_every)
 
 
 def _assert_same(a, b):
@@ -109,7 +110,7 @@ def test_a_decode_step_never_reads_device_values(tiny, monkeypatch):
     plan = SelectionPlan(
         tiny.config.llm, [SamplingParams(top_k=1)] * 3, scoring="full", device="cpu"
     )
-    h, _, _, lengths = generation.prefill(tiny.model, groups, 16, hidden_states=False)
+    h, _, _, lengths = prefill(tiny.model, groups, 16, hidden_states=False)
     hidden = h[torch.arange(3), lengths - 1]
     cache = tiny.model.block_decoder.new_cache(3)
 
@@ -129,6 +130,28 @@ def test_a_decode_step_never_reads_device_values(tiny, monkeypatch):
         )
 
 
+def test_a_slot_step_never_reads_device_values(tiny, monkeypatch):
+    """The whole decode step of the slots (LLM step + block, free rows included), as a CUDA graph
+    captures it, reads nothing back to the host."""
+    slots = device_decoding.DecodeSlots(tiny.model, 4, 64, cuda_graphs=False)
+    greedy = SamplingParams(top_k=1)
+    plan = SelectionPlan(tiny.config.llm, [greedy] * 2, scoring="full", device="cpu")
+    with torch.inference_mode():
+        slots.admit([0, 2], _groups(tiny, PROMPTS[:2]), [1, 2], plan)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, _forbidden)
+    with torch.inference_mode():
+        slots.advance(4, ("greedy",), lambda: SelectionPlan(
+            tiny.config.llm, [greedy] * 4, scoring="full", device="cpu"
+        ))  # fmt: skip
+    monkeypatch.undo()
+    assert slots.pos.tolist()[:4] == [len(PROMPTS[0]), 0, len(PROMPTS[1]), 0]  # free rows stay put
+
+
+def _forbidden(*_args, **_kwargs):
+    raise AssertionError("a tensor value was read on the host inside a decode step")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "params",
@@ -136,7 +159,7 @@ def test_a_decode_step_never_reads_device_values(tiny, monkeypatch):
     ids=["greedy", "sampled"],
 )
 def test_cuda_graphs_equal_eager_on_gpu(params):
-    engine = presets.tiny(seed=5, device="cuda")
+    engine = KelixAR.tiny(seed=5, device="cuda")
     kwargs = {"top_k": params.top_k, "temperature": params.temperature, "seed": [1, 2, 3]}
     eager = engine.generate(PROMPTS, max_new_blocks=9, cuda_graphs=False, **kwargs)
     graphed = engine.generate(PROMPTS, max_new_blocks=9, cuda_graphs=True, **kwargs)
@@ -147,7 +170,7 @@ def test_cuda_graphs_equal_eager_on_gpu(params):
     others = [PROMPTS[2], PROMPTS[0][:5], PROMPTS[1]]
     eager = engine.generate(others, max_new_blocks=9, cuda_graphs=False, **kwargs)
     graphed = engine.generate(others, max_new_blocks=9, cuda_graphs=True, **kwargs)
-    assert len(engine._decode_steps) == 1
+    assert len(engine._cores) == 1
     assert torch.equal(eager.groups, graphed.groups)
     assert torch.equal(eager.block_decoder_ids, graphed.block_decoder_ids)
 
@@ -164,37 +187,35 @@ def test_selection_that_needs_the_host_is_named():
     assert "top_k=100, top_p=0.5" in reason
 
 
-def test_reused_decode_steps_equal_fresh_runs(tiny):
-    """A DecodeStepsCache pads the batch to its bucket and keeps the steps (the graph, on CUDA) for
-    later calls: every call must still equal a run without it, and the cache keeps at most two shapes."""
-    reuse = device_decoding.DecodeStepsCache(max_entries=2)
+def test_a_reused_engine_core_equals_fresh_runs(tiny):
+    """One core serves later static batches of its bucket (wider than the batch, its slots, KV caches
+    and graphs kept): every call still equals a run on a fresh core of exactly its size."""
     params = [SamplingParams(temperature=0.8, top_k=0)] * 3
-    first = _run(tiny, PROMPTS, params, seeds=[1, 2, 3], reuse=reuse)
+    core = engine_core.EngineCore(tiny.model, max_batch=4, capacity=512, cuda_graphs=False)
+    first = _run(tiny, PROMPTS, params, seeds=[1, 2, 3], core=core)
     _assert_same(first, _run(tiny, PROMPTS, params, seeds=[1, 2, 3]))
-    # Same bucket (3 -> 4 rows, capacity 512): the same steps, refilled with other prompts and seeds.
     others = [PROMPTS[2], PROMPTS[0][:5], PROMPTS[1]]
-    second = _run(tiny, others, params, seeds=[9, 8, 7], reuse=reuse)
-    assert len(reuse) == 1
+    second = _run(tiny, others, params, seeds=[9, 8, 7], core=core)
     _assert_same(second, _run(tiny, others, params, seeds=[9, 8, 7]))
-    _run(tiny, PROMPTS[:1], params[:1], reuse=reuse)  # another bucket
-    _run(tiny, PROMPTS, [SamplingParams(top_k=1)] * 3, reuse=reuse)  # another plan: evicts one
-    assert len(reuse) == 2
+    assert not core.has_unfinished()
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
-def test_decode_steps_cache_rejects_bad_sizes(bad):
-    with pytest.raises(ValueError, match="max_entries must be an int >= 1"):
-        device_decoding.DecodeStepsCache(max_entries=bad)
-
-
-def test_buckets():
-    assert device_decoding.DecodeStepsCache.bucket(1, 10, 4096) == (1, 512)
-    assert device_decoding.DecodeStepsCache.bucket(3, 513, 4096) == (4, 1024)
-    assert device_decoding.DecodeStepsCache.bucket(33, 4000, 4096) == (64, 4096)
+def test_generate_keeps_two_engine_cores_by_bucket(tiny):
+    tiny.release_decode_graphs()
+    tiny.generate(PROMPTS, max_new_blocks=3)
+    tiny.generate(
+        [PROMPTS[2], PROMPTS[0], PROMPTS[1][:2]], max_new_blocks=4
+    )  # same bucket (4, 512)
+    assert list(tiny._cores) == [(4, 512, False)]
+    tiny.generate(PROMPTS[:1], max_new_blocks=3)
+    tiny.generate(PROMPTS[:2], max_new_blocks=3)  # a third bucket evicts the oldest
+    assert list(tiny._cores) == [(1, 512, False), (2, 512, False)]
+    tiny.release_decode_graphs()
+    assert not tiny._cores
 
 
 @pytest.mark.gpu
 def test_cuda_graphs_refuse_selection_on_the_host():
-    engine = presets.tiny(seed=5, device="cuda")
+    engine = KelixAR.tiny(seed=5, device="cuda")
     with pytest.raises(ValueError, match="cuda_graphs=True needs selection on the device"):
         engine.generate(PROMPTS, max_new_blocks=2, top_k=100, top_p=0.5, cuda_graphs=True)
