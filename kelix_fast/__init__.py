@@ -4,11 +4,12 @@ The autoregressive side (Kelix-Tok, the Qwen3 LLM, the Block Decoder and Next-Bl
 is :class:`KelixAR`; ``kelix_fast.KelixAR.tiny()`` builds an embedded tiny model with no files.
 """
 
-from kelix_fast.api import GenerationOutput, KelixAR
+from kelix_fast.ar import GenerationOutput, KelixAR
 from kelix_fast.config import ConfigError, KelixARConfig
 from kelix_fast.engine import Engine, EngineStats, RequestOutput
 from kelix_fast.models.dit import KelixDiT, dit_position_args
 from kelix_fast.ops import BackendUnavailableError
+from kelix_fast.pipeline import KelixPipeline
 from kelix_fast.weights import WeightsMismatchError
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "KelixAR",
     "KelixARConfig",
     "KelixDiT",
+    "KelixPipeline",
     "RequestOutput",
     "WeightsMismatchError",
     "__version__",

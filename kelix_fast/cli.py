@@ -13,7 +13,7 @@ import torch
 
 import kelix_fast
 from kelix_fast import ops
-from kelix_fast.api import KelixPipeline
+from kelix_fast.pipeline import KelixPipeline
 
 
 def _synthetic_image(height: int, width: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kelix_fast.api import KelixAR
+from kelix_fast.ar import KelixAR
 from kelix_fast.runtime import engine_core, requests
 from kelix_fast.runtime.block_selection import SCORINGS, host_bound_reason
 from kelix_fast.runtime.engine_core import EngineStats, RequestOutput

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "ENGINE_DTYPES",
     "SafetensorsCheckpoint",
     "WeightsMismatchError",
+    "build_model",
     "checkpoint_key",
     "default_device",
     "engine_placement",
@@ -206,3 +207,35 @@ def checkpoint_key(param: str, renames: Sequence[tuple[str, str]]) -> str:
         if param.startswith(new):
             return old + param[len(new) :]
     return param
+
+
+def build_model(
+    make: Callable[[], nn.Module],
+    checkpoint: SafetensorsCheckpoint | Mapping[str, torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    dead: Collection[str] = (),
+    renames: Sequence[tuple[str, str]] = (),
+    partial_rows: Callable[[nn.Module], Mapping[str, tuple[int, int]]] | None = None,
+) -> nn.Module:
+    """The one loading path of every model: ``make()`` on the meta device (no memory), the checkpoint's
+    tensors bound by name (:func:`load_weights`, cast once to ``dtype`` on ``device``), then the model's
+    ``process_weights_after_loading()`` if it has one (derived tensors, e.g. codebooks and RoPE tables)
+    and eval mode. ``partial_rows(model)`` names the tensors of which only some rows are read."""
+    with torch.device("meta"):
+        model = make()
+    load_weights(
+        model,
+        checkpoint,
+        dead=dead,
+        renames=renames,
+        partial_rows={} if partial_rows is None else partial_rows(model),
+        device=device,
+        dtype=dtype,
+    )
+    process = getattr(model, "process_weights_after_loading", None)
+    if process is not None:
+        with torch.inference_mode():
+            process()
+    return model.eval()

@@ -1,7 +1,7 @@
 """Imports go down the layers only (ARCHITECTURE.md "Layers", STYLE.md §1).
 
 Bottom to top: foundation (config, weights, processor) < kernels (kelix_fast.triton_kernels,
-kelix_fast._C) < ops < models (and presets) < runtime < user-facing (api, engine, cli, the package
+kelix_fast._C) < ops < models (and presets) < runtime < user-facing (ar, engine, pipeline, cli, the package
 root). A module may import its own layer and the layers below it, and no import cycle is allowed. On top of that, triton_kernels/ imports nothing
 from kelix_fast but itself, and nothing anywhere imports a top-level `triton_kernels` (it is only
 ever installed as kelix_fast.triton_kernels). Every import is checked, also those inside functions
@@ -33,7 +33,8 @@ LAYERS: dict[str, int] = {
     "kelix_fast._native_build": FOUNDATION,  # stdlib only: setup.py loads it before kelix_fast exists
     "kelix_fast.models": MODELS,
     "kelix_fast.runtime": RUNTIME,
-    "kelix_fast.api": USER_FACING,
+    "kelix_fast.ar": USER_FACING,
+    "kelix_fast.pipeline": USER_FACING,
     "kelix_fast.engine": USER_FACING,
     "kelix_fast.cli": USER_FACING,
     "kelix_fast.presets": MODELS,  # builds models and weights; the engines build on it
@@ -212,12 +213,12 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     # The cycle this layout removed: the user-facing API and the presets importing each other.
     graph = import_graph()
-    graph["kelix_fast.presets"].add("kelix_fast.api")
+    graph["kelix_fast.presets"].add("kelix_fast.ar")
     assert find_cycle(graph) is not None
 
 
 # The checker itself, on small synthetic sources.
-EXISTING = frozenset({"ops", "models", "runtime", "config", "api", "cli", "_C", "triton_kernels"})
+EXISTING = frozenset({"ops", "models", "runtime", "config", "ar", "cli", "_C", "triton_kernels"})
 
 
 @pytest.mark.parametrize(
@@ -225,7 +226,7 @@ EXISTING = frozenset({"ops", "models", "runtime", "config", "api", "cli", "_C", 
     [
         ("kelix_fast.ops.attention", False, "from kelix_fast.models import llm", True),
         ("kelix_fast.ops.attention", False, "from ..runtime import generation", True),
-        ("kelix_fast.ops.attention", False, "def f():\n    import kelix_fast.api", True),
+        ("kelix_fast.ops.attention", False, "def f():\n    import kelix_fast.ar", True),
         ("kelix_fast.ops.attention", False, "from kelix_fast import config", False),
         ("kelix_fast.weights", False, "from kelix_fast import ops", True),
         ("kelix_fast.ops.attention", False, "from kelix_fast import BackendUnavailableError", True),
@@ -248,9 +249,9 @@ EXISTING = frozenset({"ops", "models", "runtime", "config", "api", "cli", "_C", 
         ("kelix_fast.models.llm", False, "from kelix_fast.runtime import sampling", True),
         ("kelix_fast.models.llm", False, "from kelix_fast.cli import main", True),
         ("kelix_fast.runtime.sampling", False, "from kelix_fast.models.llm import LLM", False),
-        ("kelix_fast.runtime.sampling", False, "from ..api import KelixAR", True),
-        ("kelix_fast.cli", False, "from kelix_fast.api import KelixAR", False),
-        ("kelix_fast", True, "from .api import KelixAR\nfrom .ops import attention", False),
+        ("kelix_fast.runtime.sampling", False, "from ..ar import KelixAR", True),
+        ("kelix_fast.cli", False, "from kelix_fast.ar import KelixAR", False),
+        ("kelix_fast", True, "from .ar import KelixAR\nfrom .ops import attention", False),
         ("kelix_fast.triton_kernels.attention", False, "import torch\nimport triton", False),
         ("kelix_fast.triton_kernels.attention", False, "from ._blocks import BLOCK_K", False),
         ("kelix_fast.triton_kernels.attention", False, "from kelix_fast.ops import _checks", True),

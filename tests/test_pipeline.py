@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kelix_fast.api import KelixPipeline
+from kelix_fast.pipeline import KelixPipeline
 
 
 @pytest.fixture(scope="module")

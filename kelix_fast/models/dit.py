@@ -40,7 +40,7 @@ from kelix_fast.models.dit_positions import (
     _sincos_pos_embed,
     dit_position_args,
 )
-from kelix_fast.weights import SafetensorsCheckpoint, engine_placement, load_weights
+from kelix_fast.weights import SafetensorsCheckpoint, build_model, engine_placement
 
 __all__ = [
     "DEAD_TENSORS",
@@ -220,10 +220,9 @@ class KelixDiT(nn.Module):
         else:
             shapes = {key: tuple(t.shape) for key, t in weights.items()}
         _check_features(config, shapes, overridden=model_max_length is not None)
-        with torch.device("meta"):
-            model = cls(config)
-        load_weights(model, weights, dead=DEAD_TENSORS, device=device, dtype=dtype)
-        model.eval()
+        model = build_model(
+            lambda: cls(config), weights, device=device, dtype=dtype, dead=DEAD_TENSORS
+        )
         logger.info(
             "kelix_fast: loaded Kelix-DiT on %s in %s (depth %d, qk_norm=%s, cross_norm=%s, "
             "cross-attn RoPE=%s, position scale=%s, x-norm=%s, use_pe=%s, connector=%s, "

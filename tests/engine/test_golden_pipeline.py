@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from kelix_fast import KelixAR, KelixDiT
-from kelix_fast.api import KelixPipeline
 from kelix_fast.models.vae import load_vae
+from kelix_fast.pipeline import KelixPipeline
 from kelix_fast.processor import KelixProcessor
 from kelix_fast.runtime.flow import sample_latents
 
