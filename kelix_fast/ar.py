@@ -6,21 +6,23 @@ the argument and the expected value.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kelix_fast import presets
 from kelix_fast.config import KelixARConfig
 from kelix_fast.models.kelix_ar import CHECKPOINT_RENAMES, DEAD_TENSORS, KelixARModel
-from kelix_fast.ops.codebook import MODES as VQ_MODES
+from kelix_fast.options import EngineOptions
 from kelix_fast.runtime import engine_core, generation, requests
-from kelix_fast.runtime.block_selection import SCORINGS, host_bound_reason
-from kelix_fast.runtime.sampling import SAMPLERS, SamplingParams
+from kelix_fast.runtime.block_selection import host_bound_reason
+from kelix_fast.runtime.sampling import SamplingParams
 from kelix_fast.runtime.timing import StageTimer
 from kelix_fast.weights import SafetensorsCheckpoint, build_model, engine_placement
 
@@ -55,17 +57,29 @@ class GenerationOutput:
     block_decoder_ids: torch.Tensor
 
 
+def _engine_call(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a :class:`KelixAR` method that computes under ``torch.inference_mode`` and the engine's
+    backend choices (``options.backends``)."""
+
+    @functools.wraps(method)
+    def call(self: KelixAR, *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(), self.options.backend_scope():
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class KelixAR:
     """The Kelix AR engine: tokenize images, build group prompts, score them and generate blocks.
 
     Build it with :meth:`from_pretrained` (official checkpoint directory) or :meth:`tiny` (no files).
     """
 
-    def __init__(self, model: KelixARModel, *, vq: str = "reference") -> None:
-        if vq not in VQ_MODES:
-            raise ValueError(f"KelixAR: vq must be one of {list(VQ_MODES)}, got {vq!r}")
+    def __init__(self, model: KelixARModel, *, options: EngineOptions | None = None) -> None:
+        if options is not None and not isinstance(options, EngineOptions):
+            raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
         self.model = model
-        self.vq = vq
+        self.options = options or EngineOptions()
         # Engine cores (decode slots, KV caches, captured CUDA graphs) kept across generate calls, one
         # per (batch bucket, capacity bucket, graphs); least recently used first.
         self._cores: OrderedDict[tuple[int, int, bool], engine_core.EngineCore] = OrderedDict()
@@ -101,7 +115,8 @@ class KelixAR:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        vq: str = "reference",
+        options: EngineOptions | None = None,
+        **option_fields: Any,
     ) -> KelixAR:
         """Load an official Kelix AR checkpoint directory (``config.json`` + ``*.safetensors``).
 
@@ -110,14 +125,20 @@ class KelixAR:
                 without ``model.safetensors.index.json``).
             device: default CUDA when available, else CPU.
             dtype: engine dtype; default bfloat16 on CUDA, float32 on CPU. Weights are cast once at load.
-            vq: ``"reference"`` (official distance arithmetic) or ``"exact"`` (float32 nearest neighbour).
+            options: the engine's :class:`~kelix_fast.options.EngineOptions` (default: the defaults);
+                ``option_fields`` (``vq="exact"``, ``scoring=...``, ...) override single fields.
 
         Raises:
             ConfigError: unsupported config. WeightsMismatchError: missing/unexpected/mis-shaped tensors.
         """
         config = KelixARConfig.from_json(path)
         return cls.from_weights(
-            config, SafetensorsCheckpoint(path), device=device, dtype=dtype, vq=vq
+            config,
+            SafetensorsCheckpoint(path),
+            device=device,
+            dtype=dtype,
+            options=options,
+            **option_fields,
         )
 
     @classmethod
@@ -127,13 +148,19 @@ class KelixAR:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        vq: str = "reference",
+        options: EngineOptions | None = None,
+        **option_fields: Any,
     ) -> KelixAR:
         """The embedded tiny Kelix AR model (``presets.tiny_config()``) with the deterministic random
         weights of ``seed``: no files needed (demo, tests, examples)."""
         config = presets.tiny_config()
         return cls.from_weights(
-            config, presets.random_weights(config, seed), device=device, dtype=dtype, vq=vq
+            config,
+            presets.random_weights(config, seed),
+            device=device,
+            dtype=dtype,
+            options=options,
+            **option_fields,
         )
 
     @classmethod
@@ -144,12 +171,12 @@ class KelixAR:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        vq: str = "reference",
+        options: EngineOptions | None = None,
+        **option_fields: Any,
     ) -> KelixAR:
         """Like :meth:`from_pretrained` with a parsed config and tensors under the official key names."""
         device, dtype = engine_placement(device, dtype, owner="KelixAR")
-        if vq not in VQ_MODES:
-            raise ValueError(f"KelixAR: vq must be one of {list(VQ_MODES)}, got {vq!r}")
+        options = (options or EngineOptions()).replace(**option_fields)  # validated before loading
         model = build_model(
             lambda: KelixARModel(config),
             weights,
@@ -159,7 +186,7 @@ class KelixAR:
             renames=CHECKPOINT_RENAMES,
             partial_rows=KelixARModel.partial_rows,
         )
-        engine = cls(model, vq=vq)
+        engine = cls(model, options=options)
         logger.info(
             "kelix_fast: loaded Kelix AR on %s in %s, resident %.3f GB (dead tensors dropped: %s; "
             "quantizer tables replaced by codebooks)",
@@ -177,6 +204,11 @@ class KelixAR:
         return self.model.config
 
     @property
+    def vq(self) -> str:
+        """Kelix-Tok's distance arithmetic (``options.vq``)."""
+        return self.options.vq
+
+    @property
     def device(self) -> torch.device:
         return self.model.llm.norm.scale.device
 
@@ -191,7 +223,7 @@ class KelixAR:
 
     # ------------------------------------------------------------------ Kelix-Tok
 
-    @torch.inference_mode()
+    @_engine_call
     def tokenize_images(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
     ) -> torch.Tensor:
@@ -213,12 +245,15 @@ class KelixAR:
     ) -> torch.Tensor:
         """tokenize_images after validation (``grids`` from :meth:`_check_images`)."""
         return self.model.tokenizer(
-            pixel_values.to(self.device), grids, vq=self.vq, vocab_offset=self.config.llm.vocab_size
+            pixel_values.to(self.device),
+            grids,
+            vq=self.options.vq,
+            vocab_offset=self.config.llm.vocab_size,
         )
 
     # ------------------------------------------------------------------ prompts
 
-    @torch.inference_mode()
+    @_engine_call
     def expand_prompt(
         self, prompt_ids: torch.Tensor, image_ids: torch.Tensor | None
     ) -> torch.Tensor:
@@ -250,7 +285,7 @@ class KelixAR:
 
     # ------------------------------------------------------------------ scoring
 
-    @torch.inference_mode()
+    @_engine_call
     def forward_teacher_forced(
         self, groups: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -269,7 +304,7 @@ class KelixAR:
             self.model, requests.check_groups(self.config, groups, self.device)
         )
 
-    @torch.inference_mode()
+    @_engine_call
     def forward_greedy_blocks(
         self, groups: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -347,7 +382,7 @@ class KelixAR:
             timer.lap("vit_vq")
         return requests.expand_prompts(self.config, prompts, image_ids, self.device)
 
-    @torch.inference_mode()
+    @_engine_call
     def generate(
         self,
         prompt_ids: PromptIds,
@@ -359,8 +394,8 @@ class KelixAR:
         top_p: float | Sequence[float] = 1.0,
         temperature: float | Sequence[float] = 1.0,
         seed: int | Sequence[int] | None = None,
-        sampler: str = "sequential",
-        scoring: str = "full",
+        sampler: str | None = None,
+        scoring: str | None = None,
         cuda_graphs: bool | None = None,
         return_hidden_states: bool = False,
         timings: dict[str, float] | None = None,
@@ -377,6 +412,8 @@ class KelixAR:
                 each one value for every request or one value per request.
             seed: None (drawn from torch's global RNG), one int (every request uses it) or one int per
                 request, each in [0, 2^31). A request's output never depends on its batch.
+            sampler, scoring, cuda_graphs: this call's override of the engine's :attr:`options`
+                (None: the engine's; defaults ``"sequential"``, ``"full"``, None).
             sampler: ``"sequential"`` (the engine: each slot conditions the next, selected on the device by
                 ``ops.head_select``, no host synchronisation inside a block) or ``"reference"`` (the
                 official ``_sample_group`` in the host-driven reference loop; one set of sampling
@@ -396,10 +433,8 @@ class KelixAR:
 
         A request stops after a generated group with ``<|im_end|>`` in slot 0 (the first one included).
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-        if scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
+        options = self.options.replace(sampler=sampler, scoring=scoring, cuda_graphs=cuda_graphs)
+        sampler, scoring, cuda_graphs = options.sampler, options.scoring, options.cuda_graphs
         prompts, grids = self.check_requests(
             prompt_ids,
             pixel_values=pixel_values,
@@ -451,8 +486,6 @@ class KelixAR:
         params: list[SamplingParams],
     ) -> bool:
         """Whether to use CUDA graphs; raises for combinations the chosen loop cannot run."""
-        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-            raise TypeError(f"cuda_graphs must be None or a bool, got {type(cuda_graphs).__name__}")
         if sampler == "reference":
             if len(set(params)) > 1:
                 raise ValueError(

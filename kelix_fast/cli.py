@@ -13,7 +13,11 @@ import torch
 
 import kelix_fast
 from kelix_fast import ops
+from kelix_fast.ops.codebook import MODES as VQ_MODES
+from kelix_fast.options import EngineOptions
 from kelix_fast.pipeline import KelixPipeline
+from kelix_fast.runtime.block_selection import SCORINGS
+from kelix_fast.runtime.sampling import SAMPLERS
 
 
 def _synthetic_image(height: int, width: int) -> torch.Tensor:
@@ -32,7 +36,7 @@ def _print_timings(title: str, timings: dict[str, float]) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    pipe = KelixPipeline.tiny(seed=args.seed, device=args.device)
+    pipe = KelixPipeline.tiny(seed=args.seed, device=args.device, options=_options(args))
     ar = pipe.ar
     print(
         f"kelix_fast {kelix_fast.__version__}: tiny Kelix (random weights, seed {args.seed}) on "
@@ -75,6 +79,49 @@ def _dtype(value: str) -> torch.dtype:
     return dtypes[value]
 
 
+def _backend_choice(value: str) -> tuple[str, str]:
+    op, sep, backend = value.partition("=")
+    if not sep or op not in ops.OPS or backend not in ops.BACKENDS[1:]:
+        raise argparse.ArgumentTypeError(
+            f"--backend takes OP=BACKEND with OP in {list(ops.OPS)} and BACKEND in "
+            f"{list(ops.BACKENDS[1:])}, got {value!r}"
+        )
+    return op, backend
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The flags of :class:`~kelix_fast.options.EngineOptions`, one per field."""
+    group = p.add_argument_group("engine options")
+    group.add_argument("--vq", choices=VQ_MODES, default="reference", help="Kelix-Tok arithmetic")
+    group.add_argument("--scoring", choices=SCORINGS, default="full", help="block scoring")
+    group.add_argument("--sampler", choices=SAMPLERS, default="sequential", help="decode loop")
+    group.add_argument(
+        "--cuda-graphs",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="capture decode steps as CUDA graphs (auto: on CUDA when possible)",
+    )
+    group.add_argument(
+        "--backend",
+        type=_backend_choice,
+        action="append",
+        default=[],
+        metavar="OP=BACKEND",
+        help="force a kernel backend for an op, e.g. attention=torch (repeatable)",
+    )
+
+
+def _options(args: argparse.Namespace) -> EngineOptions:
+    graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
+    return EngineOptions(
+        vq=args.vq,
+        scoring=args.scoring,
+        sampler=args.sampler,
+        cuda_graphs=graphs,
+        backends=dict(args.backend),
+    )
+
+
 def generate(args: argparse.Namespace) -> int:
     pipe = KelixPipeline.from_pretrained(
         args.ar,
@@ -83,6 +130,7 @@ def generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         model_max_length=args.max_condition_length,
+        options=_options(args),
     )
     image = pipe.generate_image(
         args.prompt,
@@ -99,7 +147,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    pipe = KelixPipeline.from_pretrained(args.ar, device=args.device, dtype=args.dtype)
+    pipe = KelixPipeline.from_pretrained(
+        args.ar, device=args.device, dtype=args.dtype, options=_options(args)
+    )
     if args.image is None:
         messages = [{"role": "user", "content": args.question}]
         print(pipe.chat(messages, max_new_tokens=args.max_new_tokens, progress=True))
@@ -145,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help="image side in pixels (multiple of 32)")
     p.add_argument("-o", "--output", default="kelix_demo.png", help="PNG to write")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    _add_engine_options(p)
     p.set_defaults(run=demo)
 
     p = sub.add_parser("generate", help="text to image with the official checkpoints")
@@ -166,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         help="DiT model_max_length (the release needs 720)",
     )
     add_device(p)
+    _add_engine_options(p)
     p.set_defaults(run=generate)
 
     p = sub.add_parser("chat", help="answer a question, optionally about an image")
@@ -176,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("question")
     p.add_argument("--max-new-tokens", type=int, default=256)
     add_device(p)
+    _add_engine_options(p)
     p.set_defaults(run=chat)
 
     sub.add_parser("info", help="versions, device and available backends").set_defaults(run=info)

@@ -22,7 +22,7 @@ import torch
 
 from kelix_fast.ar import KelixAR
 from kelix_fast.runtime import engine_core, requests
-from kelix_fast.runtime.block_selection import SCORINGS, host_bound_reason
+from kelix_fast.runtime.block_selection import host_bound_reason
 from kelix_fast.runtime.engine_core import EngineStats, RequestOutput
 from kelix_fast.runtime.sampling import SamplingParams
 
@@ -37,7 +37,8 @@ class Engine:
         max_batch: >= 1, requests decoded together; more wait in arrival order.
         max_context: positions per request (prompt + new blocks - 1), default the model's
             ``max_seq_len``. The KV cache of ``max_batch x max_context`` positions is allocated here.
-        cuda_graphs: capture each decode step shape as a CUDA graph. None: on when the model is on CUDA;
+        cuda_graphs: capture each decode step shape as a CUDA graph. None: ``ar.options.cuda_graphs``,
+            and when that is None too, on when the model is on CUDA;
             then requests whose selection needs the host (``top_k`` > 64 with ``top_p`` < 1) are
             refused at :meth:`add_request`. True off CUDA raises.
     """
@@ -64,8 +65,7 @@ class Engine:
                 raise ValueError(
                     f"Engine: {name} must be <= the model's max_seq_len = {top}, got {value}"
                 )
-        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-            raise TypeError(f"Engine: cuda_graphs must be None or a bool, got {cuda_graphs!r}")
+        cuda_graphs = ar.options.replace(cuda_graphs=cuda_graphs).cuda_graphs  # validated
         if cuda_graphs and ar.device.type != "cuda":
             raise ValueError(
                 f"Engine: cuda_graphs=True needs the model on CUDA, it is on {ar.device}"
@@ -92,7 +92,7 @@ class Engine:
         top_p: float = 1.0,
         temperature: float = 1.0,
         seed: int | None = None,
-        scoring: str = "full",
+        scoring: str | None = None,
         return_hidden_states: bool = False,
         request_id: str | None = None,
     ) -> str:
@@ -103,7 +103,8 @@ class Engine:
                 order, with the ids of ``pixel_values`` (tokenized here, before queueing).
             max_new_blocks: >= 1; with the prompt, at most ``max_context`` positions.
             top_k, top_p, temperature, seed: as :meth:`KelixAR.generate`, for this request.
-            scoring: ``"full"`` or ``"structured"``, for this request.
+            scoring: ``"full"`` or ``"structured"`` for this request; None: the engine's
+                (``ar.options.scoring``).
             return_hidden_states: the outputs carry the last-layer states of the positions fed.
             request_id: a string unique among unfinished requests; default ``"req-<n>"``.
 
@@ -114,8 +115,7 @@ class Engine:
             raise ValueError(
                 f"prompt_ids must be one [L] prompt, got shape {list(prompt_ids.shape)}"
             )
-        if scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {list(SCORINGS)}, got {scoring!r}")
+        scoring = self.ar.options.replace(scoring=scoring).scoring  # validated
         if not isinstance(return_hidden_states, bool):
             raise TypeError(f"return_hidden_states must be a bool, got {return_hidden_states!r}")
         if request_id is not None and not isinstance(request_id, str):
@@ -139,7 +139,7 @@ class Engine:
             if reason is not None:
                 raise ValueError(f"this engine captures CUDA graphs, but {reason}")
         (seed,) = requests.request_seeds(seed, 1)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.ar.options.backend_scope():
             (groups,) = self.ar.layout_requests(prompts, pixel_values, grids)
         request = engine_core.Request(
             request_id or self._core.new_request_id(),
@@ -157,7 +157,7 @@ class Engine:
         """Advance every running request by one block and admit waiting ones into free slots.
 
         Returns one :class:`RequestOutput` per request that changed (``[]`` when nothing is queued)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self.ar.options.backend_scope():
             return self._core.step()
 
     def abort(self, request_id: str) -> None:

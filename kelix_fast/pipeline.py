@@ -19,6 +19,7 @@ from kelix_fast import presets
 from kelix_fast.ar import KelixAR
 from kelix_fast.models.dit import KelixDiT
 from kelix_fast.models.vae import load_vae
+from kelix_fast.options import EngineOptions
 from kelix_fast.processor import IM_START_TOKEN, ImageInput, KelixProcessor, preprocess_image
 from kelix_fast.runtime.conditioning import extract_condition, text_to_image_prompt
 from kelix_fast.runtime.rendering import render
@@ -60,7 +61,8 @@ class KelixPipeline:
     ) -> KelixPipeline:
         """Load Kelix-SFT (``ar_path``: weights, tokenizer, processor config), and optionally Kelix-DiT,
         a diffusers DC-AE directory and Kelix-AEDIT. ``model_max_length`` overrides the T2I DiT config's
-        (the release needs 720); ``engine_options`` go to :meth:`KelixAR.from_pretrained` (e.g.
+        (the release needs 720); ``engine_options`` go to :meth:`KelixAR.from_pretrained` (``options=`` an
+        :class:`~kelix_fast.options.EngineOptions`, or single fields, e.g.
         ``vq="exact"``)."""
         paths = {
             "ar_path": ar_path,
@@ -84,9 +86,16 @@ class KelixPipeline:
         return cls(ar, KelixProcessor.from_pretrained(ar_path), dit, vae, aedit)
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, device: torch.device | str | None = None) -> KelixPipeline:
-        """Every model embedded and tiny, deterministic random weights: no files needed."""
-        ar = KelixAR.tiny(seed, device=device)
+    def tiny(
+        cls,
+        seed: int = 0,
+        *,
+        device: torch.device | str | None = None,
+        options: EngineOptions | None = None,
+    ) -> KelixPipeline:
+        """Every model embedded and tiny, deterministic random weights: no files needed. ``options``:
+        the AR engine's :class:`~kelix_fast.options.EngineOptions`."""
+        ar = KelixAR.tiny(seed, device=device, options=options)
         dit = presets.tiny_dit(seed, device=ar.device, dtype=ar.dtype)
         vae = presets.tiny_vae(seed, device=ar.device, dtype=ar.dtype)
         aedit = presets.tiny_aedit(seed, device=ar.device, dtype=ar.dtype)
@@ -117,12 +126,14 @@ class KelixPipeline:
         top_p: float = 1.0,
         temperature: float = 1.0,
         seed: int | None = None,
-        sampler: str = "sequential",
+        sampler: str | None = None,
+        scoring: str | None = None,
         progress: bool = False,
     ) -> str:
         """Answer a conversation: chat ``messages`` (``[{"role": ..., "content": str | parts}]``), or an
         ``(image, question)`` pair. Greedy by default; ``max_new_tokens`` counts blocks (text: one token
-        each). Returns the decoded text up to ``<|im_end|>``. ``progress`` shows a tqdm bar."""
+        each). ``sampler``/``scoring`` override the engine's options (``ar.options``) for this call.
+        Returns the decoded text up to ``<|im_end|>``. ``progress`` shows a tqdm bar."""
         if isinstance(messages, tuple):
             if len(messages) != 2 or not isinstance(messages[1], str):
                 raise TypeError("chat: a tuple must be (image, question: str)")
@@ -149,6 +160,7 @@ class KelixPipeline:
                 temperature=temperature,
                 seed=seed,
                 sampler=sampler,
+                scoring=scoring,
                 timings=self.timings,
                 step_callback=lambda _: bar.update(1),
                 **images,
@@ -174,6 +186,7 @@ class KelixPipeline:
         seed: int | None = None,
         size: int = 1024,
         noise: torch.Tensor | None = None,
+        scoring: str | None = None,
         progress: bool = False,
     ) -> Any:
         """Text to image, as the official demo: greedy NBP generation of the image blocks, the
@@ -184,6 +197,7 @@ class KelixPipeline:
             prompt: the user's text, or already templated prompt ids (cut after the assistant turn).
             seed: initial noise seed (CPU generator, float32); ``noise`` [1, C, h, w] overrides it.
             size: image side in pixels, a multiple of the DiT's VAE factor.
+            scoring: the image blocks' scoring for this call (None: the engine's ``ar.options``).
             progress: show tqdm bars for the image blocks and the DiT steps.
 
         Returns:
@@ -212,6 +226,7 @@ class KelixPipeline:
             out = self.ar.generate(
                 [prompt_ids],
                 max_new_blocks=blocks,
+                scoring=scoring,
                 return_hidden_states=True,
                 timings=self.timings,
                 step_callback=lambda _: bar.update(1),

@@ -38,6 +38,7 @@ from kelix_fast.ops.selection import head_select
 
 __all__ = [
     "BACKENDS",
+    "OPS",
     "BackendUnavailableError",
     "attention",
     "block_embed",
@@ -63,6 +64,9 @@ _TABLES = {
     "linear_attention": dit_attention._LINEAR_IMPLS,
     "rms_norm": norm._IMPLS,
 }
+
+
+OPS = tuple(sorted(_TABLES))  # every op's name, as resolve_backend and use_backends take it
 
 
 def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
