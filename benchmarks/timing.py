@@ -2,6 +2,11 @@
 
 Each timed call is bracketed on its own, so ``raw_ms`` holds one time per call. Inputs are built before
 the timed region; the call's own output allocation is part of the op and is timed.
+
+A point may run under a :class:`Deadline` (``--point-timeout``). The cap is cooperative: it is checked
+after each warm-up call (a call in flight is never interrupted), and the probe call's time cuts the
+timed repetitions to what fits before the deadline, so a slow point ends near its cap with fewer
+samples, or raises :class:`PointTimeout` when not one timed call fits.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +35,32 @@ class Budget:
 
 FULL = Budget(warmup=5, min_reps=10, max_reps=200, target_s=0.5)
 QUICK = Budget(warmup=1, min_reps=3, max_reps=5, target_s=0.05)
+
+
+class PointTimeout(Exception):
+    """A point ran past its cap before it could be timed; the message says where. Recorded as
+    ``"timeout"`` and never repeated."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A point's time cap, counted from when the deadline is made (the start of the point)."""
+
+    cap_s: float
+    start: float = field(default_factory=time.monotonic)
+
+    def remaining(self) -> float:
+        """Seconds left before the cap (negative once past it)."""
+        return self.start + self.cap_s - time.monotonic()
+
+    def check(self, what: str) -> None:
+        """Raise :class:`PointTimeout` if the cap has passed; ``what`` names the step that just ended."""
+        over = -self.remaining()
+        if over > 0:
+            raise PointTimeout(f"{what} ended {over:.2f} s past the point's {self.cap_s:g} s cap")
+
+
+NO_DEADLINE = Deadline(math.inf)
 
 
 def rotating_sets(call_bytes: int, l2_bytes: int) -> int:
@@ -56,12 +87,25 @@ def summarize(raw_ms: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def _reps(estimate_s: float, budget: Budget) -> int:
-    wanted = int(budget.target_s / max(estimate_s, 1e-9))
-    return max(budget.min_reps, min(budget.max_reps, wanted))
+def _reps(estimate_s: float, budget: Budget, deadline: Deadline) -> int:
+    """Timed calls for one call of ``estimate_s``: the budget's count, cut to what fits the deadline."""
+    estimate_s = max(estimate_s, 1e-9)
+    reps = max(budget.min_reps, min(budget.max_reps, int(budget.target_s / estimate_s)))
+    fits = deadline.remaining() / estimate_s
+    if fits < 1:
+        raise PointTimeout(
+            f"no timed call fits the point's {deadline.cap_s:g} s cap after the probe call "
+            f"({max(deadline.remaining(), 0.0):.2f} s left, {estimate_s:.2f} s per call)"
+        )
+    return reps if fits >= reps else int(fits)
 
 
-def time_cuda(fn: Callable[[Any], object], sets: Sequence[Any], budget: Budget) -> list[float]:
+def time_cuda(
+    fn: Callable[[Any], object],
+    sets: Sequence[Any],
+    budget: Budget,
+    deadline: Deadline = NO_DEADLINE,
+) -> list[float]:
     """Per-call CUDA-event times (ms) of ``fn(sets[i % len(sets)])`` after ``budget.warmup`` calls."""
     count = 0
 
@@ -70,15 +114,16 @@ def time_cuda(fn: Callable[[Any], object], sets: Sequence[Any], budget: Budget) 
         fn(sets[count % len(sets)])
         count += 1
 
-    for _ in range(budget.warmup):
+    for i in range(budget.warmup):
         call()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()  # the cap is checked on finished work, not on queued launches
+        deadline.check(f"warm-up call {i + 1} of {budget.warmup}")
     probe_start, probe_end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
     probe_start.record()
     call()
     probe_end.record()
     torch.cuda.synchronize()
-    reps = _reps(probe_start.elapsed_time(probe_end) / 1e3, budget)
+    reps = _reps(probe_start.elapsed_time(probe_end) / 1e3, budget, deadline)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends):
@@ -89,13 +134,19 @@ def time_cuda(fn: Callable[[Any], object], sets: Sequence[Any], budget: Budget) 
     return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
 
-def time_cpu(fn: Callable[[Any], object], sets: Sequence[Any], budget: Budget) -> list[float]:
+def time_cpu(
+    fn: Callable[[Any], object],
+    sets: Sequence[Any],
+    budget: Budget,
+    deadline: Deadline = NO_DEADLINE,
+) -> list[float]:
     """Per-call wall times (ms, ``time.perf_counter``) of ``fn`` on the CPU after the warm-up."""
     for i in range(budget.warmup):
         fn(sets[i % len(sets)])
+        deadline.check(f"warm-up call {i + 1} of {budget.warmup}")
     begin = time.perf_counter()
     fn(sets[0])
-    reps = _reps(time.perf_counter() - begin, budget)
+    reps = _reps(time.perf_counter() - begin, budget, deadline)
     raw = []
     for i in range(reps):
         begin = time.perf_counter()
