@@ -2,6 +2,9 @@
 
 The autoregressive side (Kelix-Tok, the Qwen3 LLM, the Block Decoder and Next-Block-Prediction generation)
 is :class:`KelixAR`; ``kelix_fast.KelixAR.tiny()`` builds an embedded tiny model with no files.
+:class:`Engine` serves many requests at once over one ``KelixAR`` (continuous batching),
+:class:`KelixPipeline` runs chat, text to image and reconstruction, and :class:`EngineOptions` holds the
+engine-wide choices.
 """
 
 from kelix_fast.ar import GenerationOutput, KelixAR
@@ -9,6 +12,7 @@ from kelix_fast.config import ConfigError, KelixARConfig
 from kelix_fast.engine import Engine, EngineStats, RequestOutput
 from kelix_fast.models.dit import KelixDiT, dit_position_args
 from kelix_fast.ops import BackendUnavailableError
+from kelix_fast.options import EngineOptions
 from kelix_fast.pipeline import KelixPipeline
 from kelix_fast.weights import WeightsMismatchError
 
@@ -18,6 +22,7 @@ __all__ = [
     "BackendUnavailableError",
     "ConfigError",
     "Engine",
+    "EngineOptions",
     "EngineStats",
     "GenerationOutput",
     "KelixAR",
