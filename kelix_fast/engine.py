@@ -23,10 +23,10 @@ import torch
 from kelix_fast.ar import KelixAR
 from kelix_fast.runtime import engine_core, requests
 from kelix_fast.runtime.block_selection import host_bound_reason
-from kelix_fast.runtime.engine_core import EngineStats, RequestOutput
+from kelix_fast.runtime.engine_core import EngineStats, RequestOutput, StepFailed
 from kelix_fast.runtime.sampling import SamplingParams
 
-__all__ = ["Engine", "EngineStats", "RequestOutput"]
+__all__ = ["Engine", "EngineStats", "RequestOutput", "StepFailed"]
 
 
 class Engine:
@@ -156,7 +156,13 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Advance every running request by one block and admit waiting ones into free slots.
 
-        Returns one :class:`RequestOutput` per request that changed (``[]`` when nothing is queued)."""
+        Returns one :class:`RequestOutput` per request that changed (``[]`` when nothing is queued).
+
+        Raises:
+            StepFailed: the step raised (e.g. ``torch.OutOfMemoryError``); the requests it held
+                (``request_ids``) are dropped and their slots freed; the waiting ones and later calls
+                are unaffected.
+        """
         with torch.inference_mode(), self.ar.options.backend_scope():
             return self._core.step()
 

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "kelix_fast.pipeline": USER_FACING,
     "kelix_fast.engine": USER_FACING,
     "kelix_fast.options": USER_FACING,
+    "kelix_fast.serving": USER_FACING,
     "kelix_fast.cli": USER_FACING,
     "kelix_fast.presets": MODELS,  # builds models and weights; the engines build on it
     PACKAGE: USER_FACING,  # kelix_fast/__init__.py re-exports the API

@@ -30,6 +30,16 @@ from kelix_fast.runtime.timing import StageTimer
 FINISH_REASONS = ("eos", "length", "aborted")
 
 
+class StepFailed(RuntimeError):
+    """A step raised (e.g. out of device memory): the requests it was running or admitting are dropped
+    and their slots freed, so the core goes on serving the others; ``request_ids`` names them and the
+    original exception is the cause."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"the step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+
+
 @dataclass
 class Request:
     """One validated generation request.
@@ -101,6 +111,7 @@ class EngineCore:
         self._waiting: deque[Request] = deque()
         self._running: dict[int, Request] = {}  # slot -> request
         self._aborted: list[RequestOutput] = []
+        self._admitting: list[Request] = []  # popped from the queue by the step in progress
         self._ids = itertools.count()
 
     @property
@@ -161,10 +172,14 @@ class EngineCore:
         that changed (aborted ones included); ``[]`` when nothing is queued or running.
         """
         outputs, self._aborted = self._aborted, []
-        if self._running:
-            outputs += self._advance(num_blocks)
-        if self._waiting and len(self._running) < self.max_batch:
-            outputs += self._admit()
+        self._admitting = []
+        try:
+            if self._running:
+                outputs += self._advance(num_blocks)
+            if self._waiting and len(self._running) < self.max_batch:
+                outputs += self._admit()
+        except Exception as error:
+            raise self._fail_step(error) from error
         return outputs
 
     # ------------------------------------------------------------------ internals
@@ -211,6 +226,7 @@ class EngineCore:
     def _admit(self) -> list[RequestOutput]:
         free = [row for row in range(self.max_batch) if row not in self._running]
         admitted = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+        self._admitting = admitted
         rows = free[: len(admitted)]
         plan = self._plan(tuple(r.params for r in admitted), tuple(r.scoring for r in admitted))
         h = self.slots.admit(rows, [r.prompt for r in admitted], [r.seed for r in admitted], plan)
@@ -237,6 +253,19 @@ class EngineCore:
             else:
                 self.slots.release(row)
         return outputs
+
+    def _fail_step(self, error: Exception) -> StepFailed:
+        """Drop every request the failed step held (running, or being admitted) and free their slots."""
+        failed = [
+            *self._running.values(),
+            *(r for r in self._admitting if r.slot not in self._running),
+        ]
+        for request in failed:
+            if request.slot is not None:
+                self.slots.release(request.slot)
+        self._running.clear()
+        self._admitting = []
+        return StepFailed([r.request_id for r in failed], error)
 
     def _consume(self, request: Request, groups: torch.Tensor) -> tuple[int, str | None]:
         """How many of the new ``groups`` [n, G+1] (host) the request keeps, and why it finished if it

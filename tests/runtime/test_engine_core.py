@@ -236,3 +236,32 @@ def test_continuous_batching_with_cuda_graphs_equals_single_runs():
     ):
         want, _ = alone(ar, prompt, blocks, cuda_graphs=False, **kwargs)
         assert torch.equal(joined(outputs[rid])[0], want), rid
+
+
+def test_a_failed_step_drops_its_requests_and_the_engine_goes_on(tiny, monkeypatch):
+    """Out of memory (injected) inside a decode step: exactly the requests of that step fail, their
+    slots are free, a waiting request is untouched, and later requests are served exactly."""
+    from kelix_fast.runtime.engine_core import StepFailed
+
+    engine = Engine(tiny, max_batch=2, max_context=32)
+    engine.add_request(TEXT[0], max_new_blocks=6, request_id="a")
+    engine.add_request(TEXT[1], max_new_blocks=6, request_id="b")
+    engine.add_request(TEXT[2], max_new_blocks=3, request_id="waits")
+    engine.step()  # a and b admitted
+    slots = engine._core.slots
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(slots, "advance", out_of_memory)
+    with pytest.raises(StepFailed) as failed:
+        engine.step()
+    assert sorted(failed.value.request_ids) == ["a", "b"]
+    assert isinstance(failed.value.__cause__, torch.OutOfMemoryError)
+    monkeypatch.undo()
+    assert engine.stats().running == 0 and engine.stats().waiting == 1
+    engine.add_request(TEXT[3], max_new_blocks=4, request_id="later", top_k=1)
+    outputs, finished = run(engine, {})
+    assert set(finished) == {"waits", "later"}
+    assert torch.equal(joined(outputs["later"])[0], alone(tiny, TEXT[3], 4, top_k=1)[0])
+    assert torch.equal(joined(outputs["waits"])[0], alone(tiny, TEXT[2], 3)[0])
