@@ -18,13 +18,20 @@ import torch
 
 from kelix_fast import presets
 from kelix_fast.config import KelixARConfig
+from kelix_fast.hub import resolve_pretrained
 from kelix_fast.models.kelix_ar import CHECKPOINT_RENAMES, DEAD_TENSORS, KelixARModel
 from kelix_fast.options import EngineOptions
 from kelix_fast.runtime import engine_core, generation, requests
 from kelix_fast.runtime.block_selection import host_bound_reason
 from kelix_fast.runtime.sampling import SamplingParams
 from kelix_fast.runtime.timing import StageTimer
-from kelix_fast.weights import SafetensorsCheckpoint, build_model, engine_placement
+from kelix_fast.weights import (
+    SafetensorsCheckpoint,
+    available_device,
+    build_model,
+    engine_placement,
+    resolve_dtype,
+)
 
 __all__ = ["GenerationOutput", "KelixAR"]
 
@@ -49,12 +56,21 @@ class GenerationOutput:
         block_decoder_ids: [B, N, G+1] int64, the ids the Block Decoder chain chose for each new group
             (-1 = step not run; equals the group up to its first end-of-block when greedy). N is the most
             new groups of any request; rows past a request's own count are -1.
+        prompt_lengths: [B] int64, each request's prompt length (without padding): its new groups are
+            ``groups[b, prompt_lengths[b]:lengths[b]]``.
     """
 
     groups: torch.Tensor
     lengths: torch.Tensor
     hidden_states: torch.Tensor | None
     block_decoder_ids: torch.Tensor
+    prompt_lengths: torch.Tensor
+
+    def new_groups(self) -> list[torch.Tensor]:
+        """Each request's generated groups, [n_b, G+1] int64 (``processor.batch_decode`` reads their
+        slot 0 as text)."""
+        spans = zip(self.prompt_lengths.tolist(), self.lengths.tolist())
+        return [self.groups[b, start:stop] for b, (start, stop) in enumerate(spans)]
 
 
 def _engine_call(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -114,27 +130,46 @@ class KelixAR:
         path: str | os.PathLike[str],
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
         options: EngineOptions | None = None,
         **option_fields: Any,
     ) -> KelixAR:
-        """Load an official Kelix AR checkpoint directory (``config.json`` + ``*.safetensors``).
+        """Load an official Kelix AR checkpoint (``config.json`` + ``*.safetensors``).
 
         Args:
-            path: directory with the muse ``config.json`` and one or many safetensors files (with or
-                without ``model.safetensors.index.json``).
+            path: a directory with the muse ``config.json`` and one or many safetensors files (with or
+                without ``model.safetensors.index.json``), or a Hugging Face repo id such as
+                ``"OpenOneRec/Kelix-SFT"``; ``subfolder``, ``revision``, ``local_files_only`` and
+                ``cache_dir`` as :func:`kelix_fast.hub.resolve_pretrained` takes them.
             device: default CUDA when available, else CPU.
-            dtype: engine dtype; default bfloat16 on CUDA, float32 on CPU. Weights are cast once at load.
+            dtype: engine dtype, a ``torch.dtype`` or a name (``"bfloat16"``, ``"bf16"``,
+                ``"float32"``, ...); ``torch_dtype`` is its transformers alias (not both). Default
+                bfloat16 on CUDA, float32 on CPU. Weights are cast once at load.
             options: the engine's :class:`~kelix_fast.options.EngineOptions` (default: the defaults);
                 ``option_fields`` (``vq="exact"``, ``scoring=...``, ...) override single fields.
 
         Raises:
             ConfigError: unsupported config. WeightsMismatchError: missing/unexpected/mis-shaped tensors.
+            FileNotFoundError: ``path`` is neither a directory nor a repo that could be found.
         """
-        config = KelixARConfig.from_json(path)
+        dtype = resolve_dtype(dtype, torch_dtype, owner="KelixAR")
+        directory = resolve_pretrained(
+            path,
+            subfolder=subfolder,
+            revision=revision,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+            arg="KelixAR.from_pretrained: path",
+        )
+        config = KelixARConfig.from_json(directory)
         return cls.from_weights(
             config,
-            SafetensorsCheckpoint(path),
+            SafetensorsCheckpoint(directory),
             device=device,
             dtype=dtype,
             options=options,
@@ -147,18 +182,20 @@ class KelixAR:
         seed: int = 0,
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         options: EngineOptions | None = None,
         **option_fields: Any,
     ) -> KelixAR:
         """The embedded tiny Kelix AR model (``presets.tiny_config()``) with the deterministic random
-        weights of ``seed``: no files needed (demo, tests, examples)."""
+        weights of ``seed``: no files needed (demo, tests, examples). ``dtype``/``torch_dtype`` as in
+        :meth:`from_pretrained`."""
         config = presets.tiny_config()
         return cls.from_weights(
             config,
             presets.random_weights(config, seed),
             device=device,
-            dtype=dtype,
+            dtype=resolve_dtype(dtype, torch_dtype, owner="KelixAR"),
             options=options,
             **option_fields,
         )
@@ -170,7 +207,7 @@ class KelixAR:
         weights: SafetensorsCheckpoint | Mapping[str, torch.Tensor],
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         options: EngineOptions | None = None,
         **option_fields: Any,
     ) -> KelixAR:
@@ -215,6 +252,14 @@ class KelixAR:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.llm.norm.scale.dtype
+
+    def to(self, device: torch.device | str) -> KelixAR:
+        """Move the model to ``device`` (which must exist here) and return the engine. The decode
+        slots, KV caches and CUDA graphs of earlier calls are freed (they live on the old device)."""
+        device = available_device(device, arg="KelixAR.to: device")
+        self.release_decode_graphs()
+        self.model.to(device)
+        return self
 
     def resident_bytes(self) -> int:
         """Bytes held by the engine's parameters and buffers (after dropping dead and raw tensors)."""
@@ -328,26 +373,30 @@ class KelixAR:
         image_grid_thw: torch.Tensor | None,
         max_new_blocks: int,
         context: tuple[int, str],
+        prompt_arg: str = "prompt_ids",
+        blocks_arg: str = "max_new_blocks",
     ) -> tuple[list[torch.Tensor], list[tuple[int, int, int]] | None]:
         """Validate generation requests: the checks and messages that :meth:`generate` and
         :meth:`kelix_fast.Engine.add_request` share, none of which computes anything.
 
         ``context`` = (positions, name): the most positions a request may take (prompt + new blocks - 1)
-        and the name of that limit in messages. Returns the text prompts [L_b] int64 on the engine's
-        device and the image grids (None without images), for :meth:`layout_requests`.
+        and the name of that limit in messages. ``prompt_arg`` and ``blocks_arg``: the caller's names of
+        ``prompt_ids`` and ``max_new_blocks`` in messages (e.g. ``input_ids``, ``max_new_tokens``).
+        Returns the text prompts [L_b] int64 on the engine's device and the image grids (None without
+        images), for :meth:`layout_requests`.
         """
         if isinstance(max_new_blocks, bool) or not isinstance(max_new_blocks, int):
-            raise TypeError(f"max_new_blocks must be an int, got {type(max_new_blocks).__name__}")
+            raise TypeError(f"{blocks_arg} must be an int, got {type(max_new_blocks).__name__}")
         if max_new_blocks < 1:
-            raise ValueError(f"max_new_blocks must be >= 1, got {max_new_blocks}")
+            raise ValueError(f"{blocks_arg} must be >= 1, got {max_new_blocks}")
         prompts = requests.check_prompts(
-            self.config, prompt_ids, arg="prompt_ids", device=self.device
+            self.config, prompt_ids, arg=prompt_arg, device=self.device
         )
         llm, (limit, limit_name) = self.config.llm, context
         longest = max(p.numel() for p in prompts)
         if longest + max_new_blocks - 1 > limit:
             raise ValueError(
-                f"max_new_blocks = {max_new_blocks} with a {longest}-token prompt needs "
+                f"{blocks_arg} = {max_new_blocks} with a {longest}-token prompt needs "
                 f"{longest + max_new_blocks - 1} positions, more than {limit_name} = {limit}"
             )
         if (pixel_values is None) != (image_grid_thw is None):
@@ -356,8 +405,8 @@ class KelixAR:
         if pixel_values is None:
             if placeholders:
                 raise ValueError(
-                    f"prompt_ids holds {placeholders} image placeholders (id {llm.image_token_id}) "
-                    "but no pixel_values were given"
+                    f"{prompt_arg} holds {placeholders} image placeholders (id "
+                    f"{llm.image_token_id}) but no pixel_values were given"
                 )
             return prompts, None
         grids = requests.check_images(self.config, pixel_values, image_grid_thw)
@@ -385,11 +434,14 @@ class KelixAR:
     @_engine_call
     def generate(
         self,
-        prompt_ids: PromptIds,
+        prompt_ids: PromptIds | None = None,
         *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
-        max_new_blocks: int,
+        max_new_blocks: int | None = None,
+        max_new_tokens: int | None = None,
         top_k: int | Sequence[int] = 1,
         top_p: float | Sequence[float] = 1.0,
         temperature: float | Sequence[float] = 1.0,
@@ -403,11 +455,22 @@ class KelixAR:
     ) -> GenerationOutput:
         """Generate up to ``max_new_blocks`` new groups after each prompt (Next-Block Prediction).
 
+        Takes the outputs of a :class:`~kelix_fast.processor.KelixProcessor` call as they are, as the
+        official demo passes its processor's: ``generate(**processor(text=..., images=...),
+        max_new_tokens=256, top_k=1)``.
+
         Args:
             prompt_ids: [B, L] int64 text ids, or a list of B 1-D id sequences of different lengths. Image
                 placeholders (``image_token_id``) are filled, in order, with the ids of ``pixel_values``.
+            input_ids: the transformers name of ``prompt_ids`` (give one of the two).
+            attention_mask: [B, L] 0/1 with a [B, L] ``prompt_ids``/``input_ids``: 1 on prompt tokens,
+                0 on padding (left or right; one run of 1s per row). The padding is dropped, so each
+                request is its unpadded prompt.
             pixel_values, image_grid_thw: the images, as for :meth:`tokenize_images`.
             max_new_blocks: >= 1, new groups per request (the official ``max_new_tokens=n`` gives n + 1).
+            max_new_tokens: the transformers name of ``max_new_blocks`` (give one of the two), counted
+                in blocks: text takes one block per token, an image one block per merged patch; n gives
+                at most n new groups, one fewer than the official ``generate``.
             top_k (>= 0, 0 = off; 1 = greedy), top_p (in (0, 1]), temperature (>= 0): block sampling;
                 each one value for every request or one value per request.
             seed: None (drawn from torch's global RNG), one int (every request uses it) or one int per
@@ -432,15 +495,24 @@ class KelixAR:
             step_callback: called with n after the n-th new group of the batch (progress bars).
 
         A request stops after a generated group with ``<|im_end|>`` in slot 0 (the first one included).
+        Errors name the arguments as the caller gave them (``input_ids``, ``max_new_tokens``).
         """
         options = self.options.replace(sampler=sampler, scoring=scoring, cuda_graphs=cuda_graphs)
         sampler, scoring, cuda_graphs = options.sampler, options.scoring, options.cuda_graphs
+        prompt_ids, prompt_arg = requests.aliased("prompt_ids", prompt_ids, "input_ids", input_ids)
+        if attention_mask is not None:
+            prompt_ids = requests.unpad_prompts(prompt_ids, attention_mask, arg=prompt_arg)
+        max_new_blocks, blocks_arg = requests.aliased(
+            "max_new_blocks", max_new_blocks, "max_new_tokens", max_new_tokens
+        )
         prompts, grids = self.check_requests(
             prompt_ids,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             max_new_blocks=max_new_blocks,
             context=(self.config.llm.max_seq_len, "max_seq_len"),
+            prompt_arg=prompt_arg,
+            blocks_arg=blocks_arg,
         )
         batch, longest = len(prompts), max(p.numel() for p in prompts)
         params = requests.per_request_params(
@@ -543,5 +615,9 @@ class KelixAR:
             if hidden is not None:
                 hidden[b, : r.hidden.shape[0]] = r.hidden
         return GenerationOutput(
-            groups=groups, lengths=lengths, hidden_states=hidden, block_decoder_ids=chains
+            groups=groups,
+            lengths=lengths,
+            hidden_states=hidden,
+            block_decoder_ids=chains,
+            prompt_lengths=torch.tensor([p.shape[0] for p in prompts], dtype=torch.int64),
         )

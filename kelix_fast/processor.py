@@ -4,7 +4,9 @@
 ``prompt_ids [1, L]`` with each image placeholder expanded to one ``<|image_pad|>`` per merged
 patch, ``pixel_values [Np, 3, 14, 14]`` and ``image_grid_thw [n, 3]``. It mirrors the release
 processor (``KeyeProcessor`` + ``SiglipImageProcessor``) and the demo's
-``keye_vl_utils.fetch_image``.
+``keye_vl_utils.fetch_image``. Called like a transformers processor (``processor(text=[...],
+images=[...], return_tensors="pt")``) it returns ``input_ids``, ``attention_mask``, ``pixel_values``
+and ``image_grid_thw``, which ``KelixAR.generate(**outputs)`` takes as they are.
 
 Special tokens are looked up by their strings, never by hard-coded ids; the one exception is
 ``KelixTextTokenizer.tiny()``, the in-code tokenizer of the embedded tiny preset, which places them
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from kelix_fast.hub import resolve_pretrained
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -34,6 +38,7 @@ __all__ = [
     "ImageProcessorConfig",
     "KelixProcessor",
     "KelixTextTokenizer",
+    "ProcessorOutput",
     "expand_image_placeholders",
     "image_to_patches",
     "load_image",
@@ -675,8 +680,21 @@ def _read_chat_template(directory: Path, config: Mapping[str, Any]) -> str | Non
 # --------------------------------------------------------------------------------------------------
 
 
+class ProcessorOutput(dict):
+    """The tensors of :meth:`KelixProcessor.__call__` by name, like transformers' ``BatchFeature``:
+    a dict (so ``generate(**outputs)`` works) with :meth:`to`."""
+
+    def to(self, device: torch.device | str) -> ProcessorOutput:
+        """A copy with every tensor on ``device``."""
+        return ProcessorOutput({key: value.to(device) for key, value in self.items()})
+
+
 class KelixProcessor:
     """Chat messages or templated text + images -> the engine's prompt tensors (kelix-ar.md §3.1).
+
+    Two surfaces: :meth:`prepare` (one prompt, ``prompt_ids`` [1, L]) and the transformers-style call
+    ``processor(text=..., images=..., return_tensors="pt")`` (a batch, ``input_ids`` [B, L] with
+    ``attention_mask``), plus ``apply_chat_template``, ``decode`` and ``batch_decode``.
 
     Args:
         tokenizer: the text tokenizer (and chat template).
@@ -692,10 +710,29 @@ class KelixProcessor:
         self.image_config = image_config
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> KelixProcessor:
-        """Tokenizer, chat template and image settings of a checkpoint directory (see the parts)."""
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> KelixProcessor:
+        """Tokenizer, chat template and image settings of a checkpoint (see the parts): a directory or
+        a Hugging Face repo id such as ``"OpenOneRec/Kelix-SFT"`` (the other arguments: see
+        :func:`kelix_fast.hub.resolve_pretrained`)."""
+        directory = resolve_pretrained(
+            path,
+            subfolder=subfolder,
+            revision=revision,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+            arg="KelixProcessor.from_pretrained: path",
+        )
         return cls(
-            KelixTextTokenizer.from_pretrained(path), ImageProcessorConfig.from_pretrained(path)
+            KelixTextTokenizer.from_pretrained(directory),
+            ImageProcessorConfig.from_pretrained(directory),
         )
 
     @classmethod
@@ -704,12 +741,26 @@ class KelixProcessor:
         return cls(KelixTextTokenizer.tiny())
 
     def apply_chat_template(
-        self, messages: Sequence[Message], *, add_generation_prompt: bool = True
-    ) -> str:
-        """See ``KelixTextTokenizer.apply_chat_template``."""
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt
-        )
+        self,
+        messages: Sequence[Message],
+        *,
+        tokenize: bool = False,
+        add_generation_prompt: bool = True,
+        return_dict: bool = False,
+    ) -> str | torch.Tensor | ProcessorOutput:
+        """Chat messages -> the templated prompt text (see ``KelixTextTokenizer.apply_chat_template``).
+
+        As transformers' processors: ``tokenize=True`` runs the processor on the messages (images
+        included) and returns its ``input_ids`` [1, L] int64, or every output with ``return_dict=True``.
+        """
+        if not tokenize:
+            if return_dict:
+                raise ValueError("apply_chat_template: return_dict=True needs tokenize=True")
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt
+            )
+        outputs = self(messages, add_generation_prompt=add_generation_prompt)
+        return outputs if return_dict else outputs["input_ids"]
 
     def prepare(
         self,
@@ -743,7 +794,9 @@ class KelixProcessor:
                     "prepare: images must be empty when messages are given (put images in the "
                     f"messages), got {len(images)}"
                 )
-            text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt
+            )
             parts = [
                 item
                 for message in messages
@@ -777,7 +830,154 @@ class KelixProcessor:
             "image_grid_thw": image_grid_thw,
         }
 
-    __call__ = prepare
+    def __call__(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]] | None = None,
+        *,
+        text: str | Sequence[str] | None = None,
+        images: ImageInput | Sequence[ImageInput] | None = None,
+        videos: Sequence[Any] | None = None,
+        padding: bool | str = True,
+        padding_side: str = "left",
+        truncation: bool = False,
+        return_tensors: str = "pt",
+        add_generation_prompt: bool = True,
+    ) -> ProcessorOutput:
+        """The transformers-style call: a batch of prompts -> padded model inputs.
+
+        Args:
+            messages: one conversation, or a list of conversations (one prompt each), as
+                :meth:`prepare` takes them; or instead:
+            text: templated prompt text (``apply_chat_template(..., tokenize=False)``), one str or a
+                list, each with one ``<|image_pad|>`` per image;
+            images: the images of ``text``, one or a list, in order across the texts (as
+                transformers' Qwen-VL processors take them).
+            videos: must be None or empty (Kelix handles images only).
+            padding: ``True``/``"longest"`` pads to the longest prompt; ``False``/``"do_not_pad"``
+                requires equal lengths.
+            padding_side: ``"left"`` (default, transformers' convention for generation) or
+                ``"right"``. The pad id is ``<|endoftext|>`` (the release's dataset pad). The spec
+                does not record the release processor's side; ``KelixAR.generate`` reads
+                ``attention_mask`` and drops the padding, so either side gives the same output.
+            truncation: must be False (cutting a prompt could cut its image placeholders).
+            return_tensors: must be ``"pt"``.
+
+        Returns:
+            :class:`ProcessorOutput` with ``input_ids`` [B, L] int64, ``attention_mask`` [B, L] int64
+            (1 on prompt tokens) and, when the prompts hold images, ``pixel_values`` [Np, 3, p, p]
+            float32 (every image, in order) and ``image_grid_thw`` [n, 3] int64.
+        """
+        op = "KelixProcessor"
+        if return_tensors != "pt":
+            raise ValueError(f'{op}: return_tensors must be "pt", got {return_tensors!r}')
+        if videos:
+            raise ValueError(f"{op}: videos must be None or empty (Kelix handles images only)")
+        if truncation not in (False, None, "do_not_truncate"):
+            raise ValueError(
+                f"{op}: truncation must be False (prompts are never cut), got {truncation!r}"
+            )
+        if padding not in (True, False, "longest", "do_not_pad"):
+            raise ValueError(
+                f'{op}: padding must be True, False, "longest" or "do_not_pad", got {padding!r}'
+            )
+        if padding_side not in ("left", "right"):
+            raise ValueError(f'{op}: padding_side must be "left" or "right", got {padding_side!r}')
+        if (messages is None) == (text is None):
+            raise ValueError(
+                f"{op}: exactly one of messages and text must be given, got "
+                f"{'both' if messages is not None else 'neither'}"
+            )
+        if messages is not None:
+            if images:
+                raise ValueError(
+                    f"{op}: images must be None with messages (put them in the messages)"
+                )
+            conversations = (
+                [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+            )
+            samples = [
+                self.prepare(c, add_generation_prompt=add_generation_prompt) for c in conversations
+            ]
+        else:
+            samples = [
+                self.prepare(text=t, images=i) for t, i in self._split_images(op, text, images)
+            ]
+        rows = [sample["prompt_ids"][0] for sample in samples]
+        longest = max(row.numel() for row in rows)
+        if padding in (False, "do_not_pad") and any(row.numel() != longest for row in rows):
+            raise ValueError(
+                f"{op}: padding=False needs prompts of one length, got "
+                f"{[row.numel() for row in rows]} tokens"
+            )
+        input_ids = torch.full((len(rows), longest), self.tokenizer.endoftext_id, dtype=torch.int64)
+        attention_mask = torch.zeros(len(rows), longest, dtype=torch.int64)
+        for b, row in enumerate(rows):
+            if padding_side == "left":
+                span = slice(longest - row.numel(), longest)
+            else:
+                span = slice(0, row.numel())
+            input_ids[b, span] = row
+            attention_mask[b, span] = 1
+        outputs = ProcessorOutput(input_ids=input_ids, attention_mask=attention_mask)
+        image_grid_thw = torch.cat([sample["image_grid_thw"] for sample in samples])
+        if image_grid_thw.shape[0]:  # as transformers: no image tensors for text-only prompts
+            outputs["pixel_values"] = torch.cat([sample["pixel_values"] for sample in samples])
+            outputs["image_grid_thw"] = image_grid_thw
+        return outputs
+
+    @staticmethod
+    def _split_images(
+        op: str, text: str | Sequence[str], images: ImageInput | Sequence[ImageInput] | None
+    ) -> list[tuple[str, list[ImageInput]]]:
+        """(text, its images) per prompt: the flat ``images`` list dealt out by placeholder counts."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError(
+                f"{op}: text must be a str or a non-empty list of str, got {text!r:.80}"
+            )
+        if images is None:
+            flat = []
+        elif isinstance(images, (list, tuple)):
+            flat = list(images)
+        else:
+            flat = [images]
+        counts = [t.count(IMAGE_PAD_TOKEN) for t in texts]
+        if sum(counts) != len(flat):
+            raise ValueError(
+                f"{op}: text holds {sum(counts)} {IMAGE_PAD_TOKEN} placeholders (one per image) but "
+                f"images has {len(flat)}"
+            )
+        starts = np.cumsum([0, *counts]).tolist()
+        return [(t, flat[a:b]) for t, a, b in zip(texts, starts, starts[1:])]
+
+    def decode(
+        self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = False
+    ) -> str:
+        """Text of one sequence: ids (ints, or a 1-D integer tensor) or groups [T, G+1] (slot 0 is
+        read, as the official demo decodes ``output_ids[..., 0]``). Ids the tokenizer does not have
+        (the visual ids of image blocks) carry no text and are dropped."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() == 2:
+                ids = ids[:, 0]
+            if ids.dim() != 1:
+                raise ValueError(f"decode: ids must be [T] or [T, G+1], got {list(ids.shape)}")
+            ids = ids.tolist()
+        known = [i for i in ids if self.tokenizer.backend.id_to_token(i) is not None]
+        return self.tokenizer.decode(known, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(
+        self,
+        sequences: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
+        *,
+        skip_special_tokens: bool = False,
+    ) -> list[str]:
+        """Text of each sequence: ``sequences`` is [B, T] ids, [B, T, G+1] groups, or a list of what
+        :meth:`decode` takes (e.g. ``GenerationOutput.new_groups()``)."""
+        if isinstance(sequences, torch.Tensor) and sequences.dim() not in (2, 3):
+            raise ValueError(
+                f"batch_decode: sequences must be [B, T] or [B, T, G+1], got {list(sequences.shape)}"
+            )
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
 
 
 def _checkpoint_dir(op: str, path: str | os.PathLike[str]) -> Path:

@@ -19,18 +19,34 @@ from safetensors import safe_open
 from torch import nn
 
 __all__ = [
+    "DTYPE_NAMES",
     "ENGINE_DTYPES",
     "SafetensorsCheckpoint",
     "WeightsMismatchError",
+    "available_device",
     "build_model",
     "checkpoint_key",
     "default_device",
     "engine_placement",
     "load_weights",
+    "parse_dtype",
+    "resolve_dtype",
 ]
 
 INDEX_FILE = "model.safetensors.index.json"
 ENGINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The names transformers/diffusers users write for a dtype (``torch_dtype="bfloat16"``, config.json's
+# ``"torch_dtype"``), with the usual short forms.
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def default_device() -> torch.device:
@@ -39,12 +55,64 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_dtype(value: torch.dtype | str | None, *, arg: str = "dtype") -> torch.dtype | None:
+    """A dtype argument -> ``torch.dtype`` (None stays None): a ``torch.dtype`` or one of
+    :data:`DTYPE_NAMES` (``"bfloat16"``, ``"bf16"``, ``"float32"``, ...; a ``"torch."`` prefix is
+    accepted). Raises TypeError/ValueError naming ``arg``."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{arg} must be a torch.dtype or a dtype name, got {type(value).__name__}")
+    dtype = DTYPE_NAMES.get(value.strip().lower().removeprefix("torch."))
+    if dtype is None:
+        raise ValueError(
+            f"{arg} must be a torch.dtype or one of {list(DTYPE_NAMES)}, got {value!r}"
+        )
+    return dtype
+
+
+def resolve_dtype(
+    dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None, *, owner: str
+) -> torch.dtype | None:
+    """``dtype=`` and its transformers/diffusers alias ``torch_dtype=`` -> one parsed dtype (None when
+    neither is given). Raises ValueError, naming both, when both are given."""
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError(
+            f"{owner}: give dtype or torch_dtype (its alias), not both; got dtype={dtype!r} and "
+            f"torch_dtype={torch_dtype!r}"
+        )
+    if torch_dtype is not None:
+        return parse_dtype(torch_dtype, arg=f"{owner}: torch_dtype")
+    return parse_dtype(dtype, arg=f"{owner}: dtype")
+
+
+def available_device(device: torch.device | str, *, arg: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, checked to exist on this machine (a CUDA device needs CUDA and
+    its index below the device count). Raises ValueError naming ``arg``."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"{arg} must name a torch device (e.g. 'cuda', 'cpu'), got {device!r}"
+        ) from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{arg}={device!r}, but CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{arg}={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return parsed
+
+
 def engine_placement(
-    device: torch.device | str | None, dtype: torch.dtype | None, *, owner: str
+    device: torch.device | str | None, dtype: torch.dtype | str | None, *, owner: str
 ) -> tuple[torch.device, torch.dtype]:
-    """Where weights live: ``device`` (default :func:`default_device`) and ``dtype`` (default bfloat16 on
-    CUDA, float32 elsewhere). Raises ValueError, naming ``owner``, for an unsupported dtype."""
+    """Where weights live: ``device`` (default :func:`default_device`) and ``dtype`` (a ``torch.dtype`` or
+    a name of :data:`DTYPE_NAMES`; default bfloat16 on CUDA, float32 elsewhere). Raises ValueError, naming
+    ``owner``, for an unsupported dtype."""
     device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype, arg=f"{owner}: dtype")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in ENGINE_DTYPES:

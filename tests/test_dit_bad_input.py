@@ -317,15 +317,18 @@ def test_bad_forward_inputs_are_rejected(dit, edit, error, match):
         dit(args["latents"], args["timestep"], args["cond"], args["mask"], **args["positions"])
 
 
-def test_condition_longer_than_model_max_length_is_rejected(dit):
+def test_condition_longer_than_model_max_length_is_accepted(dit):
+    """The official cross-attention takes any condition length; model_max_length only sizes the null
+    condition (y_embedding rows), which is padded with masked rows beyond it."""
     limit = dit.config.model_max_length
-    _, _, cond, mask, positions = _inputs(dit, length=limit + 1)
-    with pytest.raises(
-        ValueError, match=rf"at most model_max_length={limit} valid rows, got {limit + 1}"
-    ):
-        dit.prepare_condition(cond, mask, **positions)
-    mask[:, -1] = False  # padding past the limit is fine: only valid rows count
-    dit.prepare_condition(cond, mask, **positions)
+    latents, timestep, cond, mask, positions = _inputs(dit, length=limit + 3)
+    condition = dit.prepare_condition(cond, mask, **positions)
+    assert condition.key_mask.sum(dim=1).tolist() == [limit + 3] * 2
+    assert dit.predict_velocity(latents, timestep, condition).shape == latents.shape
+    null, null_mask = dit.null_condition(limit + 3)
+    assert null_mask.sum().item() == limit
+    torch.testing.assert_close(null[0, :limit], dit.y_embedder.y_embedding)
+    assert not null[0, limit:].any()
 
 
 def test_connect_and_null_condition_reject_bad_input(dit):

@@ -45,7 +45,8 @@ def test_generate_image_is_deterministic_per_seed(pipe):
     "kwargs, match",
     [
         ({"steps": 0}, "steps must be an int >= 1"),
-        ({"size": 100}, "image_size must be a positive multiple of 32"),
+        # the caller's argument is size (sample_latents calls it image_size)
+        ({"size": 100}, r"generate_image: size must be a positive multiple of 32"),
         ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
         ({"noise": torch.zeros(1, 8, 3, 3)}, r"noise must have shape \[1, 8, 2, 2\]"),
     ],

@@ -290,7 +290,7 @@ def test_prepare_expands_each_image_in_order():
             ],
         }
     ]
-    out = processor(messages)
+    out = processor.prepare(messages)
     assert out["image_grid_thw"].tolist() == [[1, 4, 6], [1, 6, 8]]
     assert out["pixel_values"].shape == (24 + 48, 3, 14, 14)
     assert out["prompt_ids"].dtype == torch.int64 and out["prompt_ids"].shape[0] == 1
@@ -456,7 +456,7 @@ def test_loads_tokenizer_json_template_and_image_settings(tmp_path):
     assert processor.apply_chat_template(messages) == (
         f"<|im_start|>user\n{IMAGE}?<|im_end|>\n<|im_start|>assistant\n<|im_end|>"
     )
-    out = processor(messages)
+    out = processor.prepare(messages)
     assert out["image_grid_thw"].tolist() == [[1, 10, 14]]  # 56 x 84 upscaled to 140 x 196
     assert out["prompt_ids"][0].tolist().count(presets.IMAGE_PAD) == 35
     # chat_template.jinja takes precedence over tokenizer_config.json.
@@ -475,7 +475,8 @@ def test_jinja_template_without_jinja2_says_so(monkeypatch):
 def test_bad_checkpoint_directories_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="must hold tokenizer.json or vocab.json \\+ merges.txt"):
         KelixTextTokenizer.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="path must be a checkpoint directory"):
+    # A missing path could be a Hub repo id; an absolute one cannot, and says so.
+    with pytest.raises(FileNotFoundError, match="path must be a directory or a Hugging Face repo"):
         KelixProcessor.from_pretrained(tmp_path / "absent")
     write_bpe_files(tmp_path, specials=REQUIRED_SPECIALS[:-1])
     with pytest.raises(ValueError, match="got '<|image_pad|>'"):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from kelix_fast.config import ConfigError, KelixDiTConfig
+from kelix_fast.hub import resolve_pretrained
 from kelix_fast.models.dit_layers import (
     CaptionEmbedder,
     DiTBlock,
@@ -40,7 +41,12 @@ from kelix_fast.models.dit_positions import (
     _sincos_pos_embed,
     dit_position_args,
 )
-from kelix_fast.weights import SafetensorsCheckpoint, build_model, engine_placement
+from kelix_fast.weights import (
+    SafetensorsCheckpoint,
+    build_model,
+    engine_placement,
+    resolve_dtype,
+)
 
 __all__ = [
     "DEAD_TENSORS",
@@ -167,7 +173,8 @@ class KelixDiT(nn.Module):
             self.attention_y_norm = RMSNorm(d, config.norm_eps)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(config)
-        self._pos_embed: dict[tuple[int, int], torch.Tensor] = {}  # use_pe tables per latent grid
+        # use_pe tables per (latent grid, device): a moved model builds its table on the new device.
+        self._pos_embed: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -177,25 +184,45 @@ class KelixDiT(nn.Module):
         path: str | os.PathLike[str],
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         model_max_length: int | None = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> KelixDiT:
-        """Load an official Kelix-DiT directory (muse ``config.json`` + ``*.safetensors``).
+        """Load an official Kelix-DiT (muse ``config.json`` + ``*.safetensors``).
 
         Args:
+            path: a directory, or a Hugging Face repo id such as ``"OpenOneRec/Kelix-DiT"``;
+                ``subfolder``, ``revision``, ``local_files_only`` and ``cache_dir`` as
+                :func:`kelix_fast.hub.resolve_pretrained` takes them.
             device: default CUDA when available, else CPU.
-            dtype: default bfloat16 on CUDA, float32 on CPU; weights are cast once at load.
+            dtype: a ``torch.dtype`` or a name (``"bfloat16"``, ``"bf16"``, ``"float32"``, ...);
+                ``torch_dtype`` is its diffusers alias (not both). Default bfloat16 on CUDA, float32 on
+                CPU; weights are cast once at load.
             model_max_length: overrides config.json's value, which must equal the rows of
                 ``y_embedder.y_embedding`` (the release says 300 but stores 720; the demo passes 720).
 
         Raises:
             ConfigError: unsupported config, or config and checkpoint disagree on a feature.
             WeightsMismatchError: missing, unexpected or mis-shaped tensors.
+            FileNotFoundError: ``path`` is neither a directory nor a repo that could be found.
         """
-        config = KelixDiTConfig.from_json(path)
+        dtype = resolve_dtype(dtype, torch_dtype, owner="KelixDiT")
+        directory = resolve_pretrained(
+            path,
+            subfolder=subfolder,
+            revision=revision,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+            arg="KelixDiT.from_pretrained: path",
+        )
+        config = KelixDiTConfig.from_json(directory)
         return cls.from_weights(
             config,
-            SafetensorsCheckpoint(path),
+            SafetensorsCheckpoint(directory),
             device=device,
             dtype=dtype,
             model_max_length=model_max_length,
@@ -208,7 +235,7 @@ class KelixDiT(nn.Module):
         weights: SafetensorsCheckpoint | Mapping[str, torch.Tensor],
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         model_max_length: int | None = None,
     ) -> KelixDiT:
         """Like :meth:`from_pretrained` with a parsed config and tensors under the official key names."""
@@ -282,6 +309,14 @@ class KelixDiT(nn.Module):
         Rows ``y_embedding[:min(model_max_length, length)]``, zero padded to ``length``; the mask is 1 on
         those rows and 0 on the padding. It lives in connector space: do not :meth:`connect` it.
 
+        A condition may be longer than ``model_max_length`` (its valid rows too), as in the official
+        code, whose cross-attention takes any length: the null condition then has all
+        ``model_max_length`` rows of the table and ``length - model_max_length`` masked zero rows. For
+        the T2I demo this is its code (golden README "Sampling" step 2: the table cut by ``[:L]``,
+        zero-padded to the condition length, mask 0 on the padding). For AEDIT, whose script was not
+        available (kelix-dit.md §6: its null and conditions have equal length, all rows valid), it is a
+        reading: the same ``y_embedding[:L]`` cut, padded as the T2I demo pads.
+
         Returns:
             (cond [1, length, caption_channels] in the model dtype, mask [1, length] bool).
         """
@@ -312,8 +347,9 @@ class KelixDiT(nn.Module):
         Args:
             cond: [B, L, caption_channels], already connected (:meth:`connect` or
                 :meth:`null_condition`), model dtype and device.
-            cond_mask: [B, L] bool or 0/1 numbers, 1 = valid row; at most ``model_max_length`` valid
-                rows per sample.
+            cond_mask: [B, L] bool or 0/1 numbers, 1 = valid row. Any number of valid rows: the
+                official cross-attention has no limit (``model_max_length`` only sizes the null
+                condition, see :meth:`null_condition`).
             cond_positions, latent_positions: from :func:`dit_position_args`; required when
                 ``use_cross_attn_rope`` is on, ignored otherwise (the official code computes them
                 anyway and never reads them).
@@ -457,13 +493,14 @@ class KelixDiT(nn.Module):
 
     def _latent_pos_embed(self, height: int, width: int) -> torch.Tensor:
         """use_pe table [h*w, D] in the model dtype, built once per latent grid (§3.7)."""
-        table = self._pos_embed.get((height, width))
+        key = (height, width, self.device)
+        table = self._pos_embed.get(key)
         if table is None:
             c = self.config
             table = _sincos_pos_embed(
                 height, width, c.hidden_size, c.input_size, c.pe_interpolation
             ).to(device=self.device, dtype=self.dtype)
-            self._pos_embed[(height, width)] = table
+            self._pos_embed[key] = table
         return table
 
     def _check_tensor(
@@ -501,15 +538,7 @@ class KelixDiT(nn.Module):
             raise ValueError(f"KelixDiT: cond_mask must be on {self.device}, got {mask.device}")
         if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("KelixDiT: cond_mask must hold only 0/1 (or bool) values")
-        key_mask = mask != 0
-        longest = int(key_mask.sum(dim=1).max()) if batch else 0
-        limit = self.config.model_max_length
-        if longest > limit:
-            raise ValueError(
-                f"KelixDiT: cond must have at most model_max_length={limit} valid rows, "
-                f"got {longest}"
-            )
-        return key_mask
+        return mask != 0
 
     @staticmethod
     def _check_positions(name: str, positions: object, length: int | None) -> None:

@@ -20,6 +20,7 @@ from kelix_fast.models.vision import VisionTransformer
 
 QUANTIZER_LN_EPS = 1e-5  # nn.LayerNorm default of the official q_norm/z_norm
 PROJECTOR_LN_EPS = 1e-5
+FUSIONS = ("sum", "mean")  # how forward_indices combines the G up-projected codes
 
 
 class MergeProjector(nn.Module):
@@ -142,7 +143,7 @@ class KelixTokenizer(nn.Module):
         default the config's ``fusion_type``.
         """
         fusion = fusion or self.config.fusion_type
-        if fusion not in ("sum", "mean"):
+        if fusion not in FUSIONS:
             raise ValueError(f"forward_indices: fusion must be 'sum' or 'mean', got {fusion!r}")
         fused = sum(up(self.codebooks[g][codes[:, g]]) for g, up in enumerate(self.up_projectors))
         return fused / len(self.up_projectors) if fusion == "mean" else fused

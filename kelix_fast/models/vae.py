@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from kelix_fast.weights import engine_placement
+from kelix_fast.hub import resolve_pretrained
+from kelix_fast.weights import engine_placement, resolve_dtype
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderDC
@@ -24,32 +24,54 @@ def load_vae(
     path: str | os.PathLike[str],
     *,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> AutoencoderDC:
-    """Load a diffusers ``AutoencoderDC`` directory (``config.json`` + ``diffusion_pytorch_model.*``).
+    """Load a diffusers ``AutoencoderDC`` (``config.json`` + ``diffusion_pytorch_model.*``).
 
-    device: default CUDA when available, else CPU. dtype: default bfloat16 on CUDA, float32 on CPU.
+    path: a directory, or a Hugging Face repo id with the VAE's folder, as diffusers users write it
+    (``"Efficient-Large-Model/SANA1.5_1.6B_1024px_diffusers", subfolder="vae"``) or as the official
+    demo does (``".../SANA1.5_1.6B_1024px_diffusers/vae"``); ``revision``, ``local_files_only`` and
+    ``cache_dir`` as :func:`kelix_fast.hub.resolve_pretrained` takes them. device: default CUDA when
+    available, else CPU. dtype (or its diffusers alias ``torch_dtype``, not both): a ``torch.dtype``
+    or a name such as ``"bfloat16"``; default bfloat16 on CUDA, float32 on CPU.
 
     Raises:
-        FileNotFoundError: no config.json in ``path``. ValueError: the directory holds another model.
+        FileNotFoundError: no such directory or repo, or no config.json in it. ValueError: it holds
+        another model.
     """
-    config_file = Path(path) / "config.json"
+    dtype = resolve_dtype(dtype, torch_dtype, owner="load_vae")
+    directory = resolve_pretrained(
+        path,
+        subfolder=subfolder,
+        revision=revision,
+        local_files_only=local_files_only,
+        cache_dir=cache_dir,
+        arg="load_vae: path",
+    )
+    config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"load_vae: no config.json in {path} (expected a diffusers AutoencoderDC)"
+            f"load_vae: no config.json in {directory} (expected a diffusers AutoencoderDC)"
         )
     with open(config_file, encoding="utf-8") as f:
         class_name = json.load(f).get("_class_name")
     if class_name != "AutoencoderDC":
         raise ValueError(
-            f"load_vae: {path} must hold a diffusers AutoencoderDC, its config.json says "
+            f"load_vae: {directory} must hold a diffusers AutoencoderDC, its config.json says "
             f"_class_name={class_name!r}"
         )
     from diffusers import AutoencoderDC
 
     device, dtype = engine_placement(device, dtype, owner="load_vae")
     # low_cpu_mem_usage=False: the default path needs the optional `accelerate` package and warns without it
-    vae = AutoencoderDC.from_pretrained(os.fspath(path), torch_dtype=dtype, low_cpu_mem_usage=False)
+    vae = AutoencoderDC.from_pretrained(
+        os.fspath(directory), torch_dtype=dtype, low_cpu_mem_usage=False
+    )
     return vae.to(device).eval()
 
 

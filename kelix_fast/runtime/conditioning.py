@@ -14,17 +14,22 @@ logger = logging.getLogger(__name__)
 
 
 def text_to_image_prompt(
-    prompt_ids: Sequence[int], *, assistant_prefix: Sequence[int] | None, vision_start: int
+    prompt_ids: Sequence[int],
+    *,
+    assistant_prefix: Sequence[int] | None,
+    vision_start: int,
+    arg: str = "prompt_ids",
 ) -> list[int]:
     """Cut a templated prompt right after its first ``assistant_prefix`` (the ids of
     ``<|im_start|>assistant\\n``; None: the prompt is already cut there) and append
     ``<|vision_start|>`` unless it is already last.
 
-    Raises ValueError when the prompt is empty or has no assistant turn to cut at.
+    Raises ValueError, naming the caller's ``arg``, when the prompt is empty or has no assistant turn
+    to cut at.
     """
     ids = list(prompt_ids)
     if not ids:
-        raise ValueError("prompt_ids must not be empty")
+        raise ValueError(f"{arg} must not be empty")
     if assistant_prefix is not None:
         prefix = list(assistant_prefix)
         cut = next(
@@ -37,7 +42,7 @@ def text_to_image_prompt(
         )
         if cut is None:
             raise ValueError(
-                f"prompt_ids must contain the assistant turn prefix {prefix} (<|im_start|>assistant\\n); "
+                f"{arg} must contain the assistant turn prefix {prefix} (<|im_start|>assistant\\n); "
                 "build the prompt with the chat template and add_generation_prompt=True"
             )
         ids = ids[:cut]

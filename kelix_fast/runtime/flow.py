@@ -7,7 +7,7 @@ The schedule is diffusers' ``FlowMatchEulerDiscreteScheduler(shift)`` given the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,126 @@ def flow_schedule(
     return torch.from_numpy(sigmas), torch.from_numpy(timesteps)
 
 
+def check_sampling(
+    dit: KelixDiT,
+    *,
+    batch: int,
+    steps: int,
+    guidance_scale: float,
+    image_size: int,
+    noise: torch.Tensor | None = None,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    op: str = "sample_latents",
+    names: Mapping[str, str] | None = None,
+) -> tuple[int, int, int, int]:
+    """Check the sampling arguments of :func:`sample_latents` for ``batch`` images, computing nothing:
+    a caller that runs other models first (the pipeline's AR model) calls it before them.
+
+    ``op`` and ``names`` (``{"image_size": "size", ...}``) make the messages name the caller and its
+    own argument names. Returns the latent shape (B, C, h, w). Raises ValueError/TypeError.
+    """
+    names = names or {}
+
+    def name(arg: str) -> str:
+        return f"{op}: {names.get(arg, arg)}"
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name('steps')} must be an int >= 1, got {steps!r}")
+    rate = dit.config.vae_downsample_rate
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or image_size < rate
+        or image_size % rate
+    ):
+        raise ValueError(
+            f"{name('image_size')} must be a positive multiple of {rate}, got {image_size!r}"
+        )
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise ValueError(
+            f"{name('guidance_scale')} must be a finite number >= 0, got {guidance_scale!r}"
+        )
+    side = image_size // rate
+    shape = (batch, dit.config.in_channels, side, side)
+    if noise is not None:
+        if seed is not None or generator is not None:
+            raise ValueError(
+                f"{name('noise')} is the initial latents: give it or {names.get('seed', 'seed')}/"
+                f"{names.get('generator', 'generator')}, not both"
+            )
+        if (
+            not isinstance(noise, torch.Tensor)
+            or tuple(noise.shape) != shape
+            or not noise.is_floating_point()
+        ):
+            raise ValueError(
+                f"{name('noise')} must have shape {list(shape)} (float), got {_describe(noise)}"
+            )
+    if seed is not None and generator is not None:
+        raise ValueError(f"{name('seed')} and {names.get('generator', 'generator')}: give one")
+    if seed is not None:
+        # One seed s stands for the seeds s .. s + B - 1 (see initial_noise); all must fit a generator.
+        seeds = [seed, seed + batch - 1] if _is_seed(seed) else seed
+        ok = (
+            isinstance(seeds, Sequence)
+            and (_is_seed(seed) or len(seeds) == batch)
+            and all(_is_seed(s) and 0 <= s < 2**63 for s in seeds)
+        )
+        if not ok:
+            raise ValueError(
+                f"{name('seed')} must be an int in [0, 2^63 - {batch}] or a list of {batch} ints "
+                f"in [0, 2^63) (one per image), got {seed!r}"
+            )
+    if generator is not None:
+        generators = [generator] if isinstance(generator, torch.Generator) else generator
+        if (
+            not isinstance(generators, Sequence)
+            or not all(isinstance(g, torch.Generator) for g in generators)
+            or (not isinstance(generator, torch.Generator) and len(generators) != batch)
+        ):
+            raise ValueError(
+                f"{name('generator')} must be a torch.Generator or a list of {batch} (one per "
+                f"image), got {generator!r:.100}"
+            )
+    return shape
+
+
+def initial_noise(
+    shape: tuple[int, int, int, int],
+    *,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """The initial latents [B, C, h, w], float32, drawn on the CPU unless a generator lives elsewhere.
+
+    How the batch maps to the randomness (checked by :func:`check_sampling`):
+
+    * ``seed`` int s: image b from ``torch.Generator().manual_seed(s + b)``, so image 0 is what the
+      same seed gives alone, on every device; a list: one seed per image.
+    * ``generator`` (diffusers' convention): one generator draws the whole batch in one ``randn``
+      on its device; a list: image b from generator b.
+    * neither: torch's global RNG.
+    """
+    if seed is not None:
+        seeds = [seed + b for b in range(shape[0])] if isinstance(seed, int) else list(seed)
+        return torch.stack(
+            [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+        )
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device)
+    if generator is not None:
+        return torch.stack(
+            [torch.randn(shape[1:], generator=g, device=g.device).cpu() for g in generator]
+        )
+    return torch.randn(shape)
+
+
 def sample_latents(
     dit: KelixDiT,
     cond_hidden: torch.Tensor,
@@ -64,8 +184,9 @@ def sample_latents(
     schedule: str = "linspace",
     image_size: int = 1024,
     noise: torch.Tensor | None = None,
-    seed: int | None = None,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     image_grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Denoise latents from noise with FlowMatch Euler, conditioned on LLM hidden states.
@@ -73,8 +194,10 @@ def sample_latents(
     Everything that does not depend on the step (connector, caption MLP, every block's condition K/V,
     positions) is computed once. ``guidance_scale == 1`` runs the conditional branch only: the official
     batch-of-2 result ``v_u + 1 * (v_c - v_u)`` equals ``v_c`` up to one rounding. Otherwise the official
-    CFG layout runs, ``[null conditions..., conditions...]`` in one batch. Each Euler update is computed
-    in float32 and the latent rounded back to the model dtype, as the official loop does.
+    CFG layout runs, ``[null conditions..., conditions...]`` in one batch, the null condition of the
+    condition's length (:meth:`KelixDiT.null_condition`; a condition may be longer than the DiT's
+    ``model_max_length``). Each Euler update is computed in float32 and the latent rounded back to the
+    model dtype, as the official loop does.
 
     Args:
         dit: the model. cond_hidden: [B, Lc, D_llm] last-layer LLM states (zero rows past the mask).
@@ -82,35 +205,17 @@ def sample_latents(
         steps: >= 1 Euler steps. shift, schedule: see :func:`flow_schedule` (3.0 and "linspace" for
             the Kelix-DiT demo).
         image_size: output side in pixels, a multiple of the VAE factor (``vae_downsample_rate``).
-        noise: [B, C, h, w] initial latents, or None to draw them (float32, CPU generator of ``seed``,
-            then moved to the model: the same numbers on every device).
-        callback: called as ``callback(step, latents)`` after every step.
+        noise: [B, C, h, w] initial latents, or None to draw them (float32 on the CPU, then moved to
+            the model: the same numbers on every device) from ``seed`` or ``generator`` as
+            :func:`initial_noise` says (one seed: image b gets ``seed + b``).
+        callback: called as ``callback(step, latents)`` after every step; a tensor it returns (of the
+            latents' shape) replaces the latents, any other return value is ignored.
         image_grid: the patch grid of a condition image (AEDIT), for the cross-attention positions; None
             for the T2I demo's (see :func:`dit_position_args`).
 
     Returns:
         [B, C, h, w] latents in the model dtype.
     """
-    config = dit.config
-    rate = config.vae_downsample_rate
-    if (
-        isinstance(image_size, bool)
-        or not isinstance(image_size, int)
-        or image_size < rate
-        or image_size % rate
-    ):
-        raise ValueError(
-            f"sample_latents: image_size must be a positive multiple of {rate}, got {image_size!r}"
-        )
-    if (
-        not isinstance(guidance_scale, (int, float))
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise ValueError(
-            f"sample_latents: guidance_scale must be a finite number >= 0, got {guidance_scale!r}"
-        )
-    sigmas, timesteps = flow_schedule(steps, shift, schedule=schedule)
     if not isinstance(cond_hidden, torch.Tensor) or cond_hidden.dim() != 3:
         raise ValueError(
             f"sample_latents: cond_hidden must be a [B, Lc, D] tensor, got {_describe(cond_hidden)}"
@@ -125,16 +230,21 @@ def sample_latents(
         raise ValueError(
             f"sample_latents: every condition needs at least one valid row, got {valid}"
         )
-    side = image_size // rate
-    latent_shape = (batch, config.in_channels, side, side)
+    latent_shape = check_sampling(
+        dit,
+        batch=batch,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        image_size=image_size,
+        noise=noise,
+        seed=seed,
+        generator=generator,
+    )
+    sigmas, timesteps = flow_schedule(steps, shift, schedule=schedule)
     if noise is None:
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
-        noise = torch.randn(latent_shape, generator=generator)
-    elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != latent_shape:
-        raise ValueError(
-            f"sample_latents: noise must have shape {list(latent_shape)}, got {_describe(noise)}"
-        )
+        noise = initial_noise(latent_shape, seed=seed, generator=generator)
 
+    side = latent_shape[-1]
     connected = dit.connect(cond_hidden.to(device=dit.device, dtype=dit.dtype))
     null, null_mask = dit.null_condition(length)
     conditions, nulls = [], []
@@ -148,7 +258,9 @@ def sample_latents(
         )
         positions = {"cond_positions": cond_pos, "latent_positions": latent_pos}
         conditions.append(
-            dit.prepare_condition(connected[b : b + 1], cond_mask[b : b + 1], **positions)
+            dit.prepare_condition(
+                connected[b : b + 1], cond_mask[b : b + 1].to(dit.device), **positions
+            )
         )
         if guidance_scale != 1.0:
             nulls.append(dit.prepare_condition(null, null_mask, **positions))
@@ -166,8 +278,19 @@ def sample_latents(
         step = float(sigmas[i + 1] - sigmas[i])
         latents = (latents.float() + step * velocity.float()).to(dit.dtype)
         if callback is not None:
-            callback(i, latents)
+            replaced = callback(i, latents)
+            if isinstance(replaced, torch.Tensor):
+                if replaced.shape != latents.shape:
+                    raise ValueError(
+                        f"sample_latents: callback returned latents of shape {list(replaced.shape)}, "
+                        f"expected {list(latents.shape)}"
+                    )
+                latents = replaced.to(device=dit.device, dtype=dit.dtype)
     return latents
+
+
+def _is_seed(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _describe(value: object) -> str:

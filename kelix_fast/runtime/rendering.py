@@ -6,6 +6,8 @@ reconstruction (condition: Kelix-AEDIT's fused code features), each part timed a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +17,8 @@ from kelix_fast.models.dit import KelixDiT
 from kelix_fast.models.vae import decode_latents
 from kelix_fast.runtime.flow import sample_latents
 from kelix_fast.runtime.timing import StageTimer
+
+Placement = Callable[[Any], contextlib.AbstractContextManager[None]]
 
 
 def render(
@@ -27,19 +31,31 @@ def render(
     timer: StageTimer,
     progress: bool = False,
     progress_desc: str = "DiT steps",
+    placement: Placement | None = None,
+    callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     **sampling: Any,
 ) -> torch.Tensor:
     """condition [B, Lc, D] and its mask [B, Lc] -> pixels [B, H, W, 3] uint8.
 
-    :func:`~kelix_fast.runtime.flow.sample_latents` with ``steps`` and ``sampling`` (guidance, schedule,
-    image size, noise or seed, ...), lapped as ``"dit"`` on ``timer``, then the DC-AE decode, lapped as
-    ``"vae"``. ``progress`` shows a tqdm bar over the steps.
+    :func:`~kelix_fast.runtime.flow.sample_latents` with ``steps``, ``callback`` and ``sampling``
+    (guidance, schedule, image size, noise or seed, ...), lapped as ``"dit"`` on ``timer``, then the
+    DC-AE decode, lapped as ``"vae"``. ``placement(model)`` is entered around each model's work (the
+    pipeline's CPU offload moves the model to the GPU for it, and back). ``progress`` shows a tqdm bar
+    over the steps.
     """
-    with tqdm(total=steps, desc=progress_desc, disable=not progress, leave=False) as bar:
-        latents = sample_latents(
-            dit, condition, mask, steps=steps, callback=lambda *_: bar.update(1), **sampling
-        )
+    place = placement or (lambda _: contextlib.nullcontext())
+    with (
+        place(dit),
+        tqdm(total=steps, desc=progress_desc, disable=not progress, leave=False) as bar,
+    ):
+
+        def on_step(step: int, latents: torch.Tensor) -> torch.Tensor | None:
+            bar.update(1)
+            return None if callback is None else callback(step, latents)
+
+        latents = sample_latents(dit, condition, mask, steps=steps, callback=on_step, **sampling)
     timer.lap("dit")
-    pixels = decode_latents(vae, latents)
+    with place(vae):
+        pixels = decode_latents(vae, latents)
     timer.lap("vae")
     return pixels

@@ -103,6 +103,50 @@ def check_prompts(
     return out
 
 
+def aliased(name: str, value: Any, alias: str, alias_value: Any) -> tuple[Any, str]:
+    """An argument that also goes by its transformers name (``input_ids`` for ``prompt_ids``,
+    ``max_new_tokens`` for ``max_new_blocks``): (the value given, the name it was given under).
+    Raises ValueError when both or neither are given."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"give {name} or {alias} (its transformers name), not both")
+    if value is None and alias_value is None:
+        raise ValueError(f"{name} (or its transformers name {alias}) must be given")
+    return (value, name) if value is not None else (alias_value, alias)
+
+
+def unpad_prompts(prompt_ids: object, attention_mask: object, *, arg: str) -> list[torch.Tensor]:
+    """A padded [B, L] batch and its [B, L] ``attention_mask`` (1 on prompt tokens, one run per row:
+    the padding on the left or on the right, as a transformers processor makes it) -> the B prompts
+    without their padding. The engine has no padding mask: a padded position would be a real token."""
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
+        raise ValueError(
+            f"attention_mask goes with a [B, L] {arg} tensor, got {arg} of type "
+            f"{type(prompt_ids).__name__}"
+            + (f" {list(prompt_ids.shape)}" if isinstance(prompt_ids, torch.Tensor) else "")
+        )
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}"
+        )
+    if attention_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of {arg} {list(prompt_ids.shape)}, "
+            f"got {list(attention_mask.shape)}"
+        )
+    if attention_mask.is_complex() or bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0/1 (or bool) values")
+    prompts = []
+    for b, (row, keep) in enumerate(zip(prompt_ids, attention_mask.ne(0))):
+        where = torch.nonzero(keep).flatten()
+        if where.numel() == 0 or int(where[-1] - where[0]) + 1 != where.numel():
+            raise ValueError(
+                f"attention_mask[{b}] must be one run of 1s (padding on the left or the right), "
+                f"got {keep.int().tolist()}"
+            )
+        prompts.append(row[keep])
+    return prompts
+
+
 def expand_prompts(
     config: KelixARConfig,
     prompts: list[torch.Tensor],
