@@ -1,5 +1,6 @@
 """The ``kelix-fast`` command: ``demo`` (the embedded tiny models, no files), ``generate`` (text to
-image), ``chat`` (image understanding) and ``info``. The only module that prints or reads the environment."""
+image), ``chat`` (image understanding), ``serve`` (the OpenAI-compatible HTTP server) and ``info``. The
+only module that prints or reads the environment."""
 
 from __future__ import annotations
 
@@ -160,6 +161,68 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    try:  # the serve extra: fastapi, uvicorn, prometheus-client
+        from kelix_fast.serving.openai_api import build_app
+        from kelix_fast.serving.server import build_pipeline, run_server
+    except ImportError as e:
+        print(f"kelix-fast serve needs the serve extra: pip install 'kelix-fast[serve]' ({e})")
+        return 2
+    if args.ray:
+        return _serve_on_ray(args)
+    pipe = build_pipeline(
+        ar=args.ar,
+        dit=args.dit,
+        vae=args.vae,
+        tiny=args.tiny,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        model_max_length=args.max_condition_length,
+        options=_options(args),
+    )
+    default_name = "kelix-tiny" if args.tiny else os.path.basename(os.path.normpath(args.ar))
+    app = build_app(
+        pipe,
+        model_name=args.model_name or default_name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        max_render_batch=args.max_render_batch,
+        api_key=args.api_key or os.environ.get("KELIX_FAST_API_KEY"),
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    run_server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    """``serve --ray``: the same app on Ray Serve, ``--replicas`` full engines behind Ray's router."""
+    from kelix_fast.serving.ray import RayServeOptions, run_ray
+
+    options = RayServeOptions(
+        ar=args.ar,
+        dit=args.dit,
+        vae=args.vae,
+        tiny=args.tiny,
+        seed=args.seed,
+        device=args.device,
+        dtype=None if args.dtype is None else str(args.dtype).removeprefix("torch."),
+        max_condition_length=args.max_condition_length,
+        model_name=args.model_name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_context=args.max_context,
+        max_render_batch=args.max_render_batch,
+        api_key=args.api_key or os.environ.get("KELIX_FAST_API_KEY"),
+        replicas=args.replicas,
+        num_gpus=args.gpus_per_replica,
+        engine=_options(args),
+    )
+    run_ray(options, host=args.host, port=args.port, address=args.ray_address)
+    return 0
+
+
 def info(_: argparse.Namespace) -> int:
     print(f"kelix_fast {kelix_fast.__version__}, torch {torch.__version__}")
     cuda = torch.cuda.is_available()
@@ -230,6 +293,59 @@ def main(argv: list[str] | None = None) -> int:
     add_device(p)
     _add_engine_options(p)
     p.set_defaults(run=chat)
+
+    p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (chat, images)")
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--ar", type=_directory, help="Kelix-SFT directory (weights, tokenizer)")
+    models.add_argument(
+        "--tiny", action="store_true", help="the embedded tiny models (random weights, no files)"
+    )
+    p.add_argument("--dit", type=_directory, default=None, help="Kelix-DiT directory (images)")
+    p.add_argument("--vae", type=_directory, default=None, help="diffusers DC-AE directory")
+    p.add_argument(
+        "--max-condition-length",
+        type=int,
+        default=None,
+        help="DiT model_max_length (the release needs 720)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="weights seed of --tiny")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="model id (default: the --ar folder name)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting; more get 429")
+    p.add_argument(
+        "--max-context", type=int, default=None, help="positions per request (default: model's)"
+    )
+    p.add_argument(
+        "--max-render-batch", type=int, default=8, help="images the DiT renders together"
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(default: $KELIX_FAST_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests get after SIGTERM before they are aborted",
+    )
+    ray = p.add_argument_group("scale-out on Ray Serve (the serve extra)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve instead of uvicorn")
+    ray.add_argument("--replicas", type=int, default=1, help="full engines behind Ray's router")
+    ray.add_argument(
+        "--gpus-per-replica", type=float, default=0.0, help="GPUs each replica takes (1 on GPUs)"
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="a running Ray cluster to join ('auto' or HOST:6379; default: a local instance)",
+    )
+    add_device(p)
+    _add_engine_options(p)
+    p.set_defaults(run=serve)
 
     sub.add_parser("info", help="versions, device and available backends").set_defaults(run=info)
     args = parser.parse_args(argv)

@@ -38,9 +38,9 @@ class Engine:
         max_context: positions per request (prompt + new blocks - 1), default the model's
             ``max_seq_len``. The KV cache of ``max_batch x max_context`` positions is allocated here.
         cuda_graphs: capture each decode step shape as a CUDA graph. None: ``ar.options.cuda_graphs``,
-            and when that is None too, on when the model is on CUDA;
-            then requests whose selection needs the host (``top_k`` > 64 with ``top_p`` < 1) are
-            refused at :meth:`add_request`. True off CUDA raises.
+            and when that is None too, on when the model is on CUDA, where a step whose requests
+            include one whose selection needs the host (``top_k`` > 64 with ``top_p`` < 1) runs
+            eagerly. True: such requests are refused at :meth:`add_request`. True off CUDA raises.
     """
 
     def __init__(
@@ -73,6 +73,7 @@ class Engine:
         self.ar = ar
         self.max_context = max_context
         self.cuda_graphs = ar.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs_required = cuda_graphs is True  # else host-bound steps may run eagerly
         self._core = engine_core.EngineCore(
             ar.model, max_batch=max_batch, capacity=max_context, cuda_graphs=self.cuda_graphs
         )
@@ -134,7 +135,7 @@ class Engine:
             context=(self.max_context, "max_context"),
         )
         params = SamplingParams(temperature, top_k, top_p)
-        if self.cuda_graphs:
+        if self._graphs_required:
             reason = host_bound_reason([params], self.ar.config.llm.total_vocab)
             if reason is not None:
                 raise ValueError(f"this engine captures CUDA graphs, but {reason}")

@@ -143,10 +143,12 @@ class DecodeSlots:
         """Free ``row``: it stops advancing (its contents stay until the next admission overwrites them)."""
         self.active[row] = 0
 
-    def advance(self, bucket: int, plan_key: tuple, make_plan) -> None:
+    def advance(self, bucket: int, plan_key: tuple, make_plan, *, capturable: bool = True) -> None:
         """One decode step of rows ``[0, bucket)``: the LLM on each running row's latest block, then the
         next block. ``make_plan()`` builds the :class:`SelectionPlan` of these rows the first time
-        ``(bucket, plan_key)`` is seen; the step (graph) is kept for later calls of the same key."""
+        ``(bucket, plan_key)`` is seen; the step (graph) is kept for later calls of the same key.
+        ``capturable=False`` (a selection that reads the host) runs the step eagerly even with
+        ``cuda_graphs``."""
         key = (bucket, plan_key)
         entry = self._steps.pop(key, None)
         if entry is None:
@@ -155,7 +157,7 @@ class DecodeSlots:
             entry = (make_plan(), None)
         plan, graph = entry
         with ops.trusted_values():
-            if not self.cuda_graphs:
+            if not (self.cuda_graphs and capturable):
                 self._step(bucket, plan)
             elif graph is not None:
                 graph.replay()

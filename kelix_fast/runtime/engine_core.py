@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kelix_fast.models.kelix_ar import KelixARModel
-from kelix_fast.runtime.block_selection import SelectionPlan
+from kelix_fast.runtime.block_selection import SelectionPlan, host_bound_reason
 from kelix_fast.runtime.device_decoding import DecodeSlots
 from kelix_fast.runtime.generation import GeneratedRequest
 from kelix_fast.runtime.sampling import SamplingParams
@@ -196,8 +196,12 @@ class EngineCore:
         )
         window = min(num_blocks, *(r.max_new_blocks - r.generated for r in self._running.values()))
         groups, chains, hidden = [], [], []
+        # A selection that reads the host (head_select's torch path) cannot be captured: such a step
+        # runs eagerly, and the steps of the other mixes stay graphs.
+        vocab = self.model.config.llm.total_vocab
+        capturable = host_bound_reason(selection[0], vocab) is None
         for _ in range(window):
-            slots.advance(bucket, selection, lambda: self._plan(*selection))
+            slots.advance(bucket, selection, lambda: self._plan(*selection), capturable=capturable)
             groups.append(slots.groups[:bucket].clone())
             chains.append(slots.chain[:bucket].clone())
             hidden.append(slots.hidden[:bucket].clone())

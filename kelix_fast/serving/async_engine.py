@@ -3,9 +3,10 @@
 Coroutines add requests and iterate their outputs; one background thread runs ``Engine.step()`` while
 any request is unfinished, so every running request of every caller is decoded in the same steps
 (continuous batching). Model work (a request's image tokenization at admission, the steps) holds one
-lock. A caller that stops iterating (a client that disconnected) aborts its request, which frees its
-slot at the next step. A step that fails (``StepFailed``: e.g. out of device memory) fails only the
-requests it held, with :class:`RequestFailed`; the loop goes on.
+lock, which the loop hands to waiting callers between steps. A caller that stops iterating (a client
+that disconnected) aborts its request, which frees its slot at the next step. A step that fails
+(``StepFailed``: e.g. out of device memory) fails only the requests it held, with
+:class:`RequestFailed`; the loop goes on.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +63,13 @@ class AsyncEngine:
         self.max_queue = max_queue
         self._lock = threading.Lock()  # the engine and the model: one caller at a time
         self._work = threading.Condition(self._lock)
+        # Threads waiting for the lock. The loop re-takes it right after each step, so with a plain
+        # lock it would keep it for as long as requests run; it lets these in before each step.
+        self._callers = 0
+        self._callers_done = threading.Condition()
         self._waiters: dict[str, _Waiter] = {}
+        self._idle = threading.Event()  # no caller waits for outputs (what shutdown waits for)
+        self._idle.set()
         self._accepting = True
         self._stopped = False
         self.blocks = 0  # new groups produced since start (for blocks/s)
@@ -94,14 +102,24 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort an unfinished request (no error if it has just finished)."""
-        with self._work:
+        with self._turn():
             if self._waiters.pop(request_id, None) is not None:
                 self.engine.abort(request_id)
                 self._work.notify()
+                if not self._waiters:
+                    self._idle.set()
+
+    @contextmanager
+    def between_steps(self) -> Iterator[None]:
+        """Hold the engine between two steps (none runs meanwhile): for other model work on its
+        device that must not overlap a step, e.g. the DiT next to a step that captures a CUDA graph
+        (a capture forbids other threads' allocations and synchronisations)."""
+        with self._turn():
+            yield
 
     def stats(self) -> dict[str, Any]:
         """Running and waiting requests, KV use, blocks produced and time spent stepping."""
-        with self._lock:
+        with self._turn():
             stats = self.engine.stats()
         return {
             "running": stats.running,
@@ -116,10 +134,10 @@ class AsyncEngine:
         """Stop admitting, let the running and waiting requests finish for up to ``timeout`` seconds,
         then abort the rest (their callers get an ``"aborted"`` output) and stop the loop."""
         deadline = time.monotonic() + timeout
-        with self._work:
+        with self._turn():
             self._accepting = False
-            while self._waiters and time.monotonic() < deadline:
-                self._work.wait(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+        self._idle.wait(timeout=max(0.0, deadline - time.monotonic()))
+        with self._turn():
             for request_id in list(self._waiters):
                 self.engine.abort(request_id)
             self._stopped = True
@@ -128,8 +146,21 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ the loop
 
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """The lock, for any thread but the loop's: counted, so the loop lets it in at the next step."""
+        with self._callers_done:
+            self._callers += 1
+        try:
+            with self._work:
+                yield
+        finally:
+            with self._callers_done:
+                self._callers -= 1
+                self._callers_done.notify_all()
+
     def _add(self, prompt_ids: Any, waiter: _Waiter, request: dict[str, Any]) -> str:
-        with self._work:
+        with self._turn():
             if not self._accepting:
                 raise EngineStopped("the engine is shutting down")
             if self.engine.stats().waiting >= self.max_queue:
@@ -138,11 +169,15 @@ class AsyncEngine:
                 )
             request_id = self.engine.add_request(prompt_ids, **request)
             self._waiters[request_id] = waiter
+            self._idle.clear()
             self._work.notify()
         return request_id
 
     def _run(self) -> None:
         while True:
+            with self._callers_done:
+                while self._callers:
+                    self._callers_done.wait()
             with self._work:
                 while not self._stopped and not self.engine.has_unfinished():
                     self._work.wait()
@@ -172,4 +207,5 @@ class AsyncEngine:
                             )
                             error.__cause__ = failed.__cause__
                             waiter.put(error)
-                self._work.notify_all()  # shutdown() waits for the waiters to drain
+                if not self._waiters:
+                    self._idle.set()

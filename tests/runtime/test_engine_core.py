@@ -265,3 +265,18 @@ def test_a_failed_step_drops_its_requests_and_the_engine_goes_on(tiny, monkeypat
     assert set(finished) == {"waits", "later"}
     assert torch.equal(joined(outputs["later"])[0], alone(tiny, TEXT[3], 4, top_k=1)[0])
     assert torch.equal(joined(outputs["waits"])[0], alone(tiny, TEXT[2], 3)[0])
+
+
+@pytest.mark.gpu
+def test_a_host_bound_request_runs_its_steps_eagerly_under_automatic_graphs():
+    """top_k > 64 with top_p < 1 needs the host (head_select's torch path): with cuda_graphs left to
+    the engine its steps run eagerly, and it still equals its single run; cuda_graphs=True refuses it."""
+    ar = KelixAR.tiny(seed=3, device="cuda")
+    engine = Engine(ar, max_batch=2, max_context=64)
+    schedule = {0: [add(TEXT[0], 5, "host", top_k=100, top_p=0.5, seed=2), add(TEXT[1], 5, "dev")]}
+    outputs, _ = run(engine, schedule)
+    want, _ = alone(ar, TEXT[0], 5, top_k=100, top_p=0.5, seed=2, cuda_graphs=False)
+    assert torch.equal(joined(outputs["host"])[0], want)
+    strict = Engine(ar, max_batch=2, max_context=64, cuda_graphs=True)
+    with pytest.raises(ValueError, match="captures CUDA graphs"):
+        strict.add_request(TEXT[0], max_new_blocks=2, top_k=100, top_p=0.5)

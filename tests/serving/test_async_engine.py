@@ -123,3 +123,25 @@ def test_shutdown_stops_admitting_and_aborts_what_is_left(tiny):
             await engine.generate(PROMPTS[1], max_new_blocks=2).__anext__()
 
     asyncio.run(main())
+
+
+def test_callers_get_the_engine_between_steps_while_requests_run(tiny):
+    engine = AsyncEngine(Engine(tiny, max_batch=2, max_context=512))
+
+    async def main():
+        running = engine.generate(PROMPTS[0], max_new_blocks=400)
+        await running.__anext__()
+        # A request that joins now is admitted at the next step and finishes alongside, and other
+        # threads get the engine between two steps, long before the running request ends.
+        joined = await collect(engine, PROMPTS[1], max_new_blocks=2)
+        with engine.between_steps():
+            during = engine.engine.stats()
+        await asyncio.to_thread(engine.stats)
+        still = engine.stats()["running"]
+        await running.aclose()
+        return joined, during, still
+
+    joined, during, still = asyncio.run(main())
+    assert torch.equal(joined, alone(tiny, PROMPTS[1], 2))
+    assert during.running == 1 and still == 1
+    engine.shutdown(timeout=5)
