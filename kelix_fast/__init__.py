@@ -19,12 +19,13 @@ from kelix_fast.options import EngineOptions
 from kelix_fast.pipeline import KelixPipeline, KelixPipelineOutput
 from kelix_fast.processor import KelixProcessor
 from kelix_fast.runtime.flow import sample_latents
-from kelix_fast.weights import WeightsMismatchError
+from kelix_fast.weights import CheckpointError, WeightsMismatchError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CheckpointError",
     "ConfigError",
     "Engine",
     "EngineOptions",

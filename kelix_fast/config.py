@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +61,47 @@ def _read_json(path: str | os.PathLike[str]) -> Any:
         raise ConfigError(f"config: {path} is not valid JSON: {e}") from None
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(section: str, name: str, value: object) -> None:
+    """``section.name`` must be an integer >= 1 (a width, a count, a length): raises ConfigError naming
+    the field and the value (0, negatives, floats such as 64.0, booleans and strings are refused)."""
+    if not _is_number(value):
+        problem = "must be a number (an integer >= 1)"
+    elif not isinstance(value, int):
+        problem = "must be an integer >= 1"
+    elif value < 1:
+        problem = "must be >= 1"
+    else:
+        return
+    raise ConfigError(f"config: {section}.{name} {problem}, got {value!r}")
+
+
+def _positive_float(section: str, name: str, value: object) -> None:
+    """``section.name`` must be a finite number > 0 (an epsilon, a RoPE base, a ratio): raises
+    ConfigError naming the field and the value."""
+    if not _is_number(value):
+        problem = "must be a number (finite, > 0)"
+    elif not math.isfinite(value) or value <= 0:
+        problem = "must be a finite number > 0"
+    else:
+        return
+    raise ConfigError(f"config: {section}.{name} {problem}, got {value!r}")
+
+
+def _token_id(section: str, name: str, value: object) -> None:
+    """``section.name`` must be a token id, an integer >= 0: raises ConfigError naming field and value."""
+    if not _is_number(value):
+        problem = "must be a number (a token id >= 0)"
+    elif not isinstance(value, int) or value < 0:
+        problem = "must be a token id (an integer >= 0)"
+    else:
+        return
+    raise ConfigError(f"config: {section}.{name} {problem}, got {value!r}")
+
+
 class _Section:
     """Mixin: parse/emit one section of the official config.
 
@@ -72,6 +114,9 @@ class _Section:
     _REQUIRED: ClassVar[dict[str, tuple[Any, ...]]]
     _IGNORED: ClassVar[dict[str, Any]]
     _NESTED: ClassVar[dict[str, type[_Section]]] = {}
+    # Integer fields that are token ids (may be 0); every other ``int`` field is a positive integer and
+    # every ``float`` field a positive finite number (``int | None``: None or the same).
+    _TOKEN_IDS: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Any:
@@ -112,14 +157,21 @@ class _Section:
         return out
 
     def _validate(self) -> None:
+        """Every numeric field, before any cross-field arithmetic: ``int`` fields are positive integers
+        (token ids of ``_TOKEN_IDS``: integers >= 0), ``float`` fields positive finite numbers; an
+        ``int | None`` field may also be null."""
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, field.name)
-            if field.type in ("int", "float") and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-            ):
-                raise ConfigError(
-                    f"config: {self._PATH}.{field.name} must be a number, got {value!r}"
-                )
+            kind = str(field.type)
+            if kind == "int | None":
+                if value is None:
+                    continue
+                kind = "int"
+            if kind == "int":
+                check = _token_id if field.name in self._TOKEN_IDS else _positive_int
+                check(self._PATH, field.name, value)
+            elif kind == "float":
+                _positive_float(self._PATH, field.name, value)
 
     def _check(self, condition: bool, message: str) -> None:
         if not condition:
@@ -254,6 +306,14 @@ class LLMConfig(_Section):
     n_q_tokens: int
 
     _PATH: ClassVar[str] = "qwen_config"
+    _TOKEN_IDS: ClassVar[tuple[str, ...]] = (
+        "eos_token_id",
+        "image_token_id",
+        "pad_token_id",
+        "q_eos_token",
+        "vision_start_token_id",
+        "vision_end_token_id",
+    )
     _REQUIRED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "model_class": ("UnifiedQwen3Model",),
         "tie_word_embeddings": (False,),
@@ -332,6 +392,7 @@ class BlockDecoderConfig(_Section):
     input_dim: int
 
     _PATH: ClassVar[str] = "token_decoder_config"
+    _TOKEN_IDS: ClassVar[tuple[str, ...]] = ("eos_token",)
     _REQUIRED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "model_class": ("UnifiedTokenDecoder",),
         "reduce": (True,),
@@ -584,10 +645,6 @@ class KelixDiTConfig(_Section):
         for name in flags:
             value = getattr(self, name)
             self._check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
-        for name in ("in_channels", "hidden_size", "depth", "num_heads", "linear_head_dim"):
-            self._check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("caption_channels", "model_max_length", "input_size"):
-            self._check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         self._check(
             self.hidden_size % self.num_heads == 0,
             f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})",

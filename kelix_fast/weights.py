@@ -9,18 +9,20 @@ reads only some rows (the 1/8 slice of each quantizer table): only those rows le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 __all__ = [
     "DTYPE_NAMES",
     "ENGINE_DTYPES",
+    "CheckpointError",
     "SafetensorsCheckpoint",
     "WeightsMismatchError",
     "available_device",
@@ -147,10 +149,64 @@ class WeightsMismatchError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted or read: an invalid ``model.safetensors.index.json`` (not
+    JSON, no ``weight_map``, an entry that is not a file name inside the checkpoint directory), a corrupt or
+    truncated safetensors file, or a tensor of the wrong kind (integer/bool where a floating-point parameter
+    is expected) or holding NaN/Inf. The message names the file (and the key, where one is at fault)."""
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of ``index`` (tensor key -> file name), checked to be a JSON object of strings.
+    Raises CheckpointError naming ``index`` and what is wrong."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"weights: {index} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"weights: {index} must hold a JSON object, got {type(raw).__name__}")
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"weights: {index} has no 'weight_map' object (got {type(weight_map).__name__})"
+        )
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(
+                f"weights: {index}: weight_map[{key!r}] must be a file name (a non-empty string), "
+                f"got {name!r}"
+            )
+    return weight_map
+
+
+def _index_file(root: Path, index: Path, key: str, name: str) -> Path:
+    """``root / name`` for the entry ``key: name`` of ``index``, refused (CheckpointError naming the index,
+    the key and the path) when ``name`` is absolute or leads outside ``root``. Symlinked directories are
+    resolved; the file itself may be a symlink (a Hugging Face cache snapshot links every file into its
+    ``blobs/``), the index only chooses among the files of the directory."""
+    entry = Path(name)
+    path = root / entry
+    if entry.is_absolute() or os.path.isabs(name) or entry.drive:
+        problem = "is an absolute path"
+    elif entry.name in ("", ".", ".."):
+        problem = "does not name a file"
+    elif not path.parent.resolve().is_relative_to(root.resolve()):
+        problem = "resolves outside the checkpoint directory"
+    else:
+        return path
+    raise CheckpointError(
+        f"weights: {index}: weight_map[{key!r}] = {name!r} {problem} (checkpoint directory: "
+        f"{root}); refusing to open it"
+    )
+
+
 class SafetensorsCheckpoint:
     """Every ``*.safetensors`` file of a directory (or those named by ``model.safetensors.index.json``).
 
-    Files are opened memory-mapped; nothing is read until :meth:`get`/:meth:`get_rows`.
+    Files are opened memory-mapped; nothing is read until :meth:`get`/:meth:`get_rows`. Every path of the
+    index must stay inside the directory; an invalid index or an unreadable file raises
+    :class:`CheckpointError` naming the file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -160,28 +216,38 @@ class SafetensorsCheckpoint:
             files = [root]
             root = root.parent
         elif (root / INDEX_FILE).is_file():
-            with open(root / INDEX_FILE, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"weights: {root / INDEX_FILE} has no 'weight_map' object")
-            files = [root / name for name in sorted(set(weight_map.values()))]
+            index = root / INDEX_FILE
+            weight_map = _read_index(index)
+            by_name = {
+                name: _index_file(root, index, key, name) for key, name in weight_map.items()
+            }
+            files = [by_name[name] for name in sorted(by_name)]
         else:
             files = sorted(root.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"weights: no *.safetensors file in {root}")
         self._files: dict[str, object] = {}
         self._where: dict[str, object] = {}
+        self._file_of: dict[str, str] = {}
         for file in files:
             if not file.is_file():
                 raise FileNotFoundError(f"weights: {file} (named by {INDEX_FILE}) does not exist")
-            handle = safe_open(str(file), framework="pt")
+            try:
+                handle = safe_open(str(file), framework="pt")
+                keys = list(handle.keys())  # a safe_open handle is not iterable
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(
+                    f"weights: {file} is not a readable safetensors file (corrupt or truncated?): "
+                    f"{exc}"
+                ) from None
             self._files[str(file)] = handle
-            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            for key in keys:
                 if key in self._where:
                     raise ValueError(
                         f"weights: tensor {key!r} appears in more than one file ({file})"
                     )
                 self._where[key] = handle
+                self._file_of[key] = str(file)
         if weight_map is not None:
             absent = sorted(weight_map.keys() - self._where.keys())
             if absent:
@@ -199,15 +265,33 @@ class SafetensorsCheckpoint:
     def __iter__(self):
         return iter(self.keys())
 
+    def file_of(self, key: str) -> str:
+        """The file holding tensor ``key``."""
+        return self._file_of[key]
+
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
+        with self._reading(key):
+            return tuple(self._where[key].get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        with self._reading(key):
+            return self._where[key].get_tensor(key)
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of ``key`` without reading the rest of the tensor."""
-        return self._where[key].get_slice(key)[start:stop]
+        with self._reading(key):
+            return self._where[key].get_slice(key)[start:stop]
+
+    @contextlib.contextmanager
+    def _reading(self, key: str):
+        """A failure of the safetensors reader on ``key`` -> CheckpointError naming file and key."""
+        try:
+            yield
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                f"weights: {self._file_of[key]}: cannot read tensor {key!r} (corrupt or "
+                f"truncated?): {exc}"
+            ) from None
 
 
 def _rename(key: str, renames: Sequence[tuple[str, str]]) -> str:
@@ -239,6 +323,9 @@ def load_weights(
 
     Raises:
         WeightsMismatchError: listing every unknown, missing and mis-shaped tensor.
+        CheckpointError: naming the file and key of the first tensor of the wrong kind (not floating
+            point where the parameter is) or holding NaN/Inf (after the cast to ``dtype``), or one
+            that cannot be read.
     """
     if isinstance(checkpoint, SafetensorsCheckpoint):
         shapes = {key: checkpoint.shape(key) for key in checkpoint}
@@ -260,11 +347,24 @@ def load_weights(
     for name, key in by_param.items():
         rows = partial_rows.get(key)
         if isinstance(checkpoint, SafetensorsCheckpoint):
+            source = checkpoint.file_of(key)
             value = checkpoint.get(key) if rows is None else checkpoint.get_rows(key, *rows)
         else:
+            source = "the weights mapping"
             value = checkpoint[key] if rows is None else checkpoint[key][rows[0] : rows[1]]
+        if value.is_floating_point() != params[name].is_floating_point():
+            want = "floating point" if params[name].is_floating_point() else str(params[name].dtype)
+            raise CheckpointError(
+                f"weights: {source}: tensor {key!r} has dtype {value.dtype}, the model expects "
+                f"{want}"
+            )
         target = dtype if value.is_floating_point() else value.dtype
         value = value.to(device=device, dtype=target, copy=True)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"weights: {source}: tensor {key!r} holds NaN or Inf values (checked after the "
+                f"cast to {dtype})"
+            )
         owner, _, attr = name.rpartition(".")
         setattr(modules[owner], attr, nn.Parameter(value, requires_grad=False))
 
