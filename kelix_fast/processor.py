@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,9 +261,17 @@ def load_image(image: ImageInput) -> Image.Image:
     """Any supported image input -> an RGB PIL image.
 
     Args:
-        image: a PIL image (any mode); a uint8 numpy array or torch tensor, channels last:
+        image: a PIL image (any mode); a uint8 or uint16 numpy array or torch tensor, channels last:
             [H, W] or [H, W, 1] (grey), [H, W, 3] (RGB) or [H, W, 4] (RGBA); or a file path.
     Non-RGB inputs are converted with PIL's ``convert("RGB")`` (alpha is dropped), as the demo does.
+
+    Higher-depth inputs are first brought to 8 bits, never saturated: 16-bit data (PIL ``I;16*``
+    modes, uint16 arrays/tensors) and PIL ``I`` images (32-bit ints, as Pillow opens 16-bit PNGs)
+    holding values in 0..65535 are divided by 257 and rounded (65535 -> 255, as Pillow/torchvision
+    scale 16 to 8 bits); an ``I`` image with values outside 0..65535 is refused. Float data (PIL
+    ``F`` mode) is taken as 0..1, multiplied by 255, rounded and clamped to 0..255; NaN or infinite
+    values are refused. Arrays and tensors must be uint8 or uint16 (scaled as above): float ones are
+    refused, their range (0..1 or 0..255) being ambiguous, as are other dtypes.
 
     Raises: TypeError (unsupported type), ValueError (bad dtype or shape, empty, unreadable file).
     """
@@ -276,7 +286,7 @@ def load_image(image: ImageInput) -> Image.Image:
                 f"load_image: image file {os.fspath(image)!r} could not be read: {exc}"
             ) from exc
     elif isinstance(image, Image.Image):
-        pil = image
+        pil = _to_8bit(image)
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         pil = _array_to_image(image)
     else:
@@ -289,16 +299,57 @@ def load_image(image: ImageInput) -> Image.Image:
     return pil if pil.mode == "RGB" else pil.convert("RGB")
 
 
+def _scale_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """uint8 (as is), uint16 (/257) or float 0..1 (*255, clamped) data -> uint8; see load_image."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.uint16:
+        return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"load_image: {what} must hold only finite values, got NaN or Inf")
+        return np.clip(np.round(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    raise ValueError(
+        f"load_image: {what} must be uint8, uint16 (0..65535) or float (0..1), got {array.dtype}"
+    )
+
+
+def _to_8bit(pil: Image.Image) -> Image.Image:
+    """A PIL image of a 16-bit, 32-bit int or float mode -> mode L (see load_image)."""
+    from PIL import Image
+
+    mode = pil.mode
+    if mode.startswith("I;16"):
+        array = np.array(pil).astype(np.uint16)
+    elif mode == "I":
+        array = np.array(pil)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise ValueError(
+                "load_image: a mode 'I' image must hold 16-bit values 0..65535, got "
+                f"{array.min()}..{array.max()}"
+            )
+        array = array.astype(np.uint16)
+    elif mode == "F":
+        array = np.array(pil)
+    else:
+        return pil
+    return Image.fromarray(_scale_to_uint8(array, f"a mode {mode!r} image"))
+
+
 def _array_to_image(array: np.ndarray | torch.Tensor) -> Image.Image:
     from PIL import Image
 
     kind = type(array).__name__
+    why = (
+        " (or uint16, scaled by 1/257; float data is refused: its range, 0..1 or 0..255, is "
+        "ambiguous; convert it to uint8, or pass a PIL mode 'F' image of 0..1 values)"
+    )
     if isinstance(array, torch.Tensor):
-        if array.dtype != torch.uint8:
-            raise ValueError(f"load_image: image tensor must be uint8, got {array.dtype}")
+        if array.dtype not in (torch.uint8, getattr(torch, "uint16", torch.uint8)):
+            raise ValueError(f"load_image: image tensor must be uint8, got {array.dtype}{why}")
         array = array.detach().cpu().numpy()
-    elif array.dtype != np.uint8:
-        raise ValueError(f"load_image: image array must be uint8, got {array.dtype}")
+    elif array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"load_image: image array must be uint8, got {array.dtype}{why}")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
@@ -308,6 +359,7 @@ def _array_to_image(array: np.ndarray | torch.Tensor) -> Image.Image:
         )
     if array.size == 0:
         raise ValueError(f"load_image: image must be non-empty, got shape {list(array.shape)}")
+    array = _scale_to_uint8(array, f"image {kind}")
     return Image.fromarray(np.ascontiguousarray(array))
 
 
@@ -430,6 +482,20 @@ class KelixTextTokenizer:
         self.vision_start_id = self.token_id(VISION_START_TOKEN)
         self.vision_end_id = self.token_id(VISION_END_TOKEN)
         self.image_pad_id = self.token_id(IMAGE_PAD_TOKEN)
+        # Control strings user text must not produce: every special added token, plus the Kelix
+        # markers even where a checkpoint registers them as non-special.
+        control = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        control |= {
+            ENDOFTEXT_TOKEN,
+            IM_START_TOKEN,
+            IM_END_TOKEN,
+            VISION_START_TOKEN,
+            VISION_END_TOKEN,
+            IMAGE_PAD_TOKEN,
+        }
+        self.control_tokens = tuple(sorted(control, key=lambda c: (-len(c), c)))
+        self._control_re = re.compile("|".join(map(re.escape, self.control_tokens)))
+        self._plain: Tokenizer | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> KelixTextTokenizer:
@@ -502,11 +568,72 @@ class KelixTextTokenizer:
             )
         return token_id
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings in it map to their ids. Adds nothing."""
+    def encode(self, text: str, *, allow_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``. Adds nothing.
+
+        ``allow_special_tokens=True`` (this low-level method's default, for templated text): the
+        special-token strings in ``text`` map to their ids. False: ``text`` is plain text, its
+        control-token strings (:attr:`control_tokens`) are encoded byte by byte like any other text.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=False).ids
+        if allow_special_tokens:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        return self._plain_backend().encode(text, add_special_tokens=False).ids
+
+    def _plain_backend(self) -> Tokenizer:
+        """A copy of the backend that encodes control-token strings as plain text."""
+        if self._plain is None:
+            plain = Tokenizer.from_str(self.backend.to_str())
+            plain.add_special_tokens(
+                [AddedToken(c, special=True, normalized=False) for c in self.control_tokens]
+            )
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+    def escape_messages(self, messages: Sequence[Message]) -> tuple[list[Message], dict[str, str]]:
+        """Messages whose text has each control-token string replaced by a one-off marker, and the
+        marker -> string map: render them, then :meth:`encode_escaped` encodes the user's control
+        strings as plain text while the template's own markers stay control tokens."""
+        _check_messages(messages)
+        nonce = secrets.token_hex(8)
+        markers = {c: f"\ue000{nonce}.{i}\ue001" for i, c in enumerate(self.control_tokens)}
+
+        def escape(text: str) -> str:
+            return self._control_re.sub(lambda m: markers[m.group(0)], text)
+
+        escaped = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                content = escape(content)
+            else:
+                content = [
+                    {**item, "text": escape(item["text"])} if item["type"] == "text" else item
+                    for item in content
+                ]
+            escaped.append({**message, "content": content})
+        return escaped, {marker: c for c, marker in markers.items()}
+
+    def encode_escaped(self, text: str, markers: Mapping[str, str]) -> list[int]:
+        """Ids of ``text`` rendered from :meth:`escape_messages`: its control-token strings are
+        control tokens, the stretches between them (markers restored) plain text."""
+        present = [m for m in markers if m in text]
+        if not present:  # no user control string: the ordinary encoding
+            return self.encode(text)
+        restore = re.compile("|".join(map(re.escape, present)))
+        ids: list[int] = []
+        start = 0
+        for match in [*self._control_re.finditer(text), None]:
+            end = len(text) if match is None else match.start()
+            if end > start:
+                plain = restore.sub(lambda m: markers[m.group(0)], text[start:end])
+                ids += self.encode(plain, allow_special_tokens=False)
+            if match is not None:
+                ids.append(self.token_id(match.group(0)))
+                start = match.end()
+        return ids
 
     def decode(
         self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = False
@@ -699,15 +826,25 @@ class KelixProcessor:
     Args:
         tokenizer: the text tokenizer (and chat template).
         image_config: image preprocessing settings.
+        allow_special_tokens: whether the text of chat messages may produce control tokens. False
+            (the default): a message that contains ``<|im_end|>`` (or any other of
+            ``tokenizer.control_tokens``) gets it encoded as plain text, as chat servers and
+            tiktoken's ``disallowed_special`` do; the template's own markers are control tokens
+            either way. True restores the raw behaviour for callers who mean it; ``prepare``,
+            ``__call__`` and ``apply_chat_template(tokenize=True)`` take it per call too. Templated
+            ``text=`` input is the caller's own markup and always maps special-token strings.
     """
 
     def __init__(
         self,
         tokenizer: KelixTextTokenizer,
         image_config: ImageProcessorConfig = ImageProcessorConfig(),
+        *,
+        allow_special_tokens: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_config = image_config
+        self.allow_special_tokens = bool(allow_special_tokens)
 
     @classmethod
     def from_pretrained(
@@ -747,6 +884,7 @@ class KelixProcessor:
         tokenize: bool = False,
         add_generation_prompt: bool = True,
         return_dict: bool = False,
+        allow_special_tokens: bool | None = None,
     ) -> str | torch.Tensor | ProcessorOutput:
         """Chat messages -> the templated prompt text (see ``KelixTextTokenizer.apply_chat_template``).
 
@@ -759,7 +897,11 @@ class KelixProcessor:
             return self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt
             )
-        outputs = self(messages, add_generation_prompt=add_generation_prompt)
+        outputs = self(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            allow_special_tokens=allow_special_tokens,
+        )
         return outputs if return_dict else outputs["input_ids"]
 
     def prepare(
@@ -769,6 +911,7 @@ class KelixProcessor:
         text: str | None = None,
         images: Sequence[ImageInput] = (),
         add_generation_prompt: bool = True,
+        allow_special_tokens: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """Build the model inputs from ``messages``, or from templated ``text`` plus ``images``.
 
@@ -778,6 +921,7 @@ class KelixProcessor:
                 step-1 bounds as in ``keye_vl_utils``.
             text: already templated text with one ``<|image_pad|>`` per image (instead of messages).
             images: the images of ``text``; must be empty with ``messages``.
+            allow_special_tokens: see the class; None = the processor's setting.
         Returns: ``prompt_ids`` [1, L] int64 (placeholders expanded), ``pixel_values``
             [Np, 3, p, p] float32 (Np = sum of t*h*w, [0, 3, p, p] without images) and
             ``image_grid_thw`` [n, 3] int64.
@@ -794,6 +938,11 @@ class KelixProcessor:
                     "prepare: images must be empty when messages are given (put images in the "
                     f"messages), got {len(images)}"
                 )
+            if allow_special_tokens is None:
+                allow_special_tokens = self.allow_special_tokens
+            markers: dict[str, str] = {}
+            if not allow_special_tokens:
+                messages, markers = self.tokenizer.escape_messages(messages)
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt
             )
@@ -808,6 +957,7 @@ class KelixProcessor:
             raise TypeError(f"prepare: text must be a str, got {type(text).__name__}")
         else:
             parts = [{"image": image} for image in images]
+            markers = {}
         patch = self.image_config.patch_size
         pixel_values = [torch.zeros(0, 3, patch, patch)]
         grids = [torch.zeros(0, 3, dtype=torch.int64)]
@@ -825,7 +975,9 @@ class KelixProcessor:
             text, image_grid_thw, merge_size=self.image_config.merge_size
         )
         return {
-            "prompt_ids": torch.tensor([self.tokenizer.encode(text)], dtype=torch.int64),
+            "prompt_ids": torch.tensor(
+                [self.tokenizer.encode_escaped(text, markers)], dtype=torch.int64
+            ),
             "pixel_values": torch.cat(pixel_values),
             "image_grid_thw": image_grid_thw,
         }
@@ -842,6 +994,7 @@ class KelixProcessor:
         truncation: bool = False,
         return_tensors: str = "pt",
         add_generation_prompt: bool = True,
+        allow_special_tokens: bool | None = None,
     ) -> ProcessorOutput:
         """The transformers-style call: a batch of prompts -> padded model inputs.
 
@@ -861,6 +1014,8 @@ class KelixProcessor:
                 ``attention_mask`` and drops the padding, so either side gives the same output.
             truncation: must be False (cutting a prompt could cut its image placeholders).
             return_tensors: must be ``"pt"``.
+            allow_special_tokens: whether message text may produce control tokens (see the class;
+                None = the processor's setting).
 
         Returns:
             :class:`ProcessorOutput` with ``input_ids`` [B, L] int64, ``attention_mask`` [B, L] int64
@@ -896,7 +1051,12 @@ class KelixProcessor:
                 [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
             )
             samples = [
-                self.prepare(c, add_generation_prompt=add_generation_prompt) for c in conversations
+                self.prepare(
+                    c,
+                    add_generation_prompt=add_generation_prompt,
+                    allow_special_tokens=allow_special_tokens,
+                )
+                for c in conversations
             ]
         else:
             samples = [

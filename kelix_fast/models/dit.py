@@ -289,8 +289,8 @@ class KelixDiT(nn.Module):
         connector (``use_connector`` false).
 
         Args:
-            hidden: [B, Lc, connector_channels] in the model dtype and device (padding rows may be
-                anything; they stay masked).
+            hidden: [B, Lc, connector_channels] in the model dtype and device (padding rows are
+                masked but must be finite: :meth:`prepare_condition` refuses NaN/Inf).
 
         Returns:
             [B, Lc, caption_channels].
@@ -359,6 +359,10 @@ class KelixDiT(nn.Module):
             "cond", cond, (None, None, c.caption_channels), "B, L, caption_channels"
         )[:2]
         key_mask = self._check_mask(cond_mask, batch, length)
+        # Non-finite conditions would give a NaN image silently (checked once per condition). Every
+        # row, padding included: a masked NaN row still poisons the attention output (0 * NaN).
+        if not bool(torch.isfinite(cond).all()):
+            raise ValueError("KelixDiT: cond must hold only finite values, got NaN or Inf")
         rope = latent_rope = None
         if c.use_cross_attn_rope:
             if cond_positions is None or latent_positions is None:

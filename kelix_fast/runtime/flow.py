@@ -6,13 +6,13 @@ The schedule is diffusers' ``FlowMatchEulerDiscreteScheduler(shift)`` given the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from kelix_fast.models.dit import DiTCondition, KelixDiT, dit_position_args
+from kelix_fast.runtime.requests import check_finite, check_finite_number
 
 SCHEDULES = ("linspace", "default")
 
@@ -31,8 +31,7 @@ def flow_schedule(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"flow_schedule: steps must be an int >= 1, got {steps!r}")
-    if not isinstance(shift, (int, float)) or not shift > 0:
-        raise ValueError(f"flow_schedule: shift must be > 0, got {shift!r}")
+    check_finite_number("flow_schedule: shift", shift, minimum=0, strict=True)
     if schedule not in SCHEDULES:
         raise ValueError(
             f"flow_schedule: schedule must be one of {list(SCHEDULES)}, got {schedule!r}"
@@ -65,12 +64,14 @@ def check_sampling(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     op: str = "sample_latents",
     names: Mapping[str, str] | None = None,
+    shift: float | None = None,
 ) -> tuple[int, int, int, int]:
     """Check the sampling arguments of :func:`sample_latents` for ``batch`` images, computing nothing:
     a caller that runs other models first (the pipeline's AR model) calls it before them.
 
     ``op`` and ``names`` (``{"image_size": "size", ...}``) make the messages name the caller and its
-    own argument names. Returns the latent shape (B, C, h, w). Raises ValueError/TypeError.
+    own argument names. Returns the latent shape (B, C, h, w). Raises ValueError/TypeError; non-finite
+    data (a NaN/Inf ``guidance_scale``, ``shift`` or ``noise`` value) is refused, naming the argument.
     """
     names = names or {}
 
@@ -89,15 +90,9 @@ def check_sampling(
         raise ValueError(
             f"{name('image_size')} must be a positive multiple of {rate}, got {image_size!r}"
         )
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, (int, float))
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise ValueError(
-            f"{name('guidance_scale')} must be a finite number >= 0, got {guidance_scale!r}"
-        )
+    check_finite_number(name("guidance_scale"), guidance_scale, minimum=0)
+    if shift is not None:
+        check_finite_number(name("shift"), shift, minimum=0, strict=True)
     side = image_size // rate
     shape = (batch, dit.config.in_channels, side, side)
     if noise is not None:
@@ -114,6 +109,7 @@ def check_sampling(
             raise ValueError(
                 f"{name('noise')} must have shape {list(shape)} (float), got {_describe(noise)}"
             )
+        check_finite(name("noise"), noise)
     if seed is not None and generator is not None:
         raise ValueError(f"{name('seed')} and {names.get('generator', 'generator')}: give one")
     if seed is not None:
@@ -225,6 +221,8 @@ def sample_latents(
         raise ValueError(
             f"sample_latents: cond_mask must have shape [{batch}, {length}], got {_describe(cond_mask)}"
         )
+    # Every row, padding included: a NaN padding row still reaches the image (0 * NaN = NaN).
+    check_finite("sample_latents: cond_hidden", cond_hidden)
     valid = cond_mask.ne(0).sum(-1).tolist()
     if min(valid) < 1:
         raise ValueError(
@@ -239,6 +237,7 @@ def sample_latents(
         noise=noise,
         seed=seed,
         generator=generator,
+        shift=shift,
     )
     sigmas, timesteps = flow_schedule(steps, shift, schedule=schedule)
     if noise is None:
@@ -285,6 +284,7 @@ def sample_latents(
                         f"sample_latents: callback returned latents of shape {list(replaced.shape)}, "
                         f"expected {list(latents.shape)}"
                     )
+                check_finite("sample_latents: the latents returned by callback", replaced)
                 latents = replaced.to(device=dit.device, dtype=dit.dtype)
     return latents
 

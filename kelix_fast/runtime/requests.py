@@ -5,6 +5,7 @@ compute. Each raises ``ValueError``/``TypeError`` naming the caller's argument a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,43 @@ import torch
 from kelix_fast.config import KelixARConfig
 from kelix_fast.runtime.block_selection import SEED_BITS
 from kelix_fast.runtime.sampling import SamplingParams
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise ValueError naming ``name`` when the float tensor ``value`` holds a NaN or an infinity.
+
+    The one check of non-finite tensor data (pixel values, noise, conditions), run before any compute:
+    a NaN would otherwise flow through tokenizing or sampling and come out as valid-looking ids or a
+    NaN image. Integer tensors are finite by construction and pass.
+    """
+    floating = isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+    if floating and not bool(torch.isfinite(value).all()):
+        nan = int(torch.isnan(value).sum())
+        inf = int(torch.isinf(value).sum())
+        raise ValueError(
+            f"{name} must hold only finite values, got {nan} NaN and {inf} infinite of "
+            f"{value.numel()}"
+        )
+
+
+def check_finite_number(
+    name: str, value: object, *, minimum: float | None = None, strict: bool = False
+) -> float:
+    """A finite real number (not a bool) -> float; else ValueError naming ``name``.
+
+    ``minimum``: the smallest allowed value (``strict``: excluded). Used for scalar sampling
+    arguments such as ``guidance_scale`` and ``shift``.
+    """
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (minimum is None or (value > minimum if strict else value >= minimum))
+    )
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
 
 
 def check_images(
@@ -30,6 +68,7 @@ def check_images(
             f"pixel_values must have shape [N, {vision.num_channels}, {p}, {p}], "
             f"got {list(pixel_values.shape)}"
         )
+    check_finite("pixel_values", pixel_values)
     if isinstance(image_grid_thw, torch.Tensor):
         if image_grid_thw.is_floating_point() or image_grid_thw.is_complex():
             raise ValueError(
