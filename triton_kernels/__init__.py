@@ -104,7 +104,8 @@ def _launch_under_interpreted_stdlib(run: Callable[..., object]) -> Callable[...
 @contextlib.contextmanager
 def _interpreted_stdlib() -> Iterator[None]:
     """While an interpreted kernel runs, triton.language's own ``@triton.jit`` helpers (``tl.sum``,
-    ``tl.max``, ``tl.cdiv``, ...) run as their interpreted twins.
+    ``tl.max``, ``tl.cdiv``, ...) run as their interpreted twins, and the interpreter's scalars index
+    with numpy >= 2.4 too.
 
     Triton decorated them when it was imported, compiled unless ``TRITON_INTERPRET=1`` was set then, and a
     compiled ``JITFunction`` refuses to be called from Python. Inside an interpreted kernel every call is
@@ -113,18 +114,30 @@ def _interpreted_stdlib() -> Iterator[None]:
     it. Compiled launches never call ``JITFunction.__call__`` (the compiler reads the function's source),
     so they are unaffected; interpreted launches are serialised by a lock.
     """
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
     def call_twin(self: JITFunction, *args: object, **kwargs: object) -> object:
         if id(self) not in _twins:
-            _twins[id(self)] = InterpretedFunction(self.fn)
+            _twins[id(self)] = interpreter.InterpretedFunction(self.fn)
         return _twins[id(self)](*args, **kwargs)
+
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor_for_numpy_2_4(tensor: type, scope: object) -> None:
+        # The interpreter's scalars are 1-element arrays of ndim 1, and its __index__ is int(array),
+        # which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"): every loop with a
+        # run-time bound then fails (TOOLCHAIN.md trap 1; the GPU image has numpy 2.5). Same value,
+        # taken with .item().
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     with _launch_lock:
         original = JITFunction.__call__
         JITFunction.__call__ = call_twin
+        interpreter._patch_lang_tensor = patch_lang_tensor_for_numpy_2_4
         try:
             yield
         finally:
             JITFunction.__call__ = original
+            interpreter._patch_lang_tensor = patch_lang_tensor
