@@ -66,44 +66,6 @@ TOK_STAGES = ("tok", "tok.vit", "tok.vit_attention", "tok.merge_encoder", "tok.q
 HEAVY_STAGES = ("generate", "dit.sample", "t2i")  # seconds per call: a few fixed repetitions
 T2I_GUIDANCE = 1.0  # the demo's
 
-# Kelix-DiT as released (kelix-dit.md §2), with the demo's model_max_length override 300 -> 720
-# (the checkpoint's y_embedding has 720 rows); every other field takes its code default.
-RELEASE_DIT = {
-    "__class__": "SanaConfig",
-    "input_size": 32,
-    "in_channels": 32,
-    "hidden_size": 2240,
-    "depth": 20,
-    "num_heads": 20,
-    "linear_head_dim": 32,
-    "mlp_ratio": 2.5,
-    "caption_channels": 2304,
-    "model_max_length": 720,
-    "qk_norm": True,
-    "cross_norm": True,
-    "norm_eps": 1e-6,
-    "use_connector": True,
-    "connector_channels": 4096,
-}
-# The SANA 1.5 DC-AE f32c32 (kelix-dit.md §7): diffusers AutoencoderDC arguments.
-RELEASE_VAE = {
-    "in_channels": 3,
-    "latent_channels": 32,
-    "attention_head_dim": 32,
-    "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-    "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-    "encoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
-    "decoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
-    "encoder_layers_per_block": [2, 2, 2, 3, 3, 3],
-    "decoder_layers_per_block": [3, 3, 3, 3, 3, 3],
-    "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-    "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
-    "upsample_block_type": "interpolate",
-    "downsample_block_type": "Conv",
-    "decoder_norm_types": "rms_norm",
-    "decoder_act_fns": "silu",
-    "scaling_factor": 0.41407,
-}
 INIT = (
     f"random: matrices N(0, {generation.WEIGHT_STD}), norm gains 1, biases 0; LLM output-head text "
     "rows zero (every block a full image block, no early end)"
@@ -191,8 +153,8 @@ def make_schedule(quick: bool) -> Schedule:
         )
     return Schedule(
         ar=presets.release_config(),
-        dit=KelixDiTConfig.from_dict(RELEASE_DIT),
-        vae=RELEASE_VAE,
+        dit=presets.release_dit_config(),
+        vae=presets.RELEASE_VAE_CONFIG,
         names={
             "ar": "release_config()",
             "dit": "Kelix-DiT release (kelix-dit.md §2), model_max_length 720",

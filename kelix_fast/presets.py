@@ -31,7 +31,11 @@ from kelix_fast.models.kelix_ar import KelixARModel
 from kelix_fast.weights import engine_placement
 
 __all__ = [
+    "RELEASE_VAE_CONFIG",
+    "TINY_VAE_CONFIG",
     "random_weights",
+    "release_config",
+    "release_dit_config",
     "tiny_aedit",
     "tiny_aedit_config",
     "tiny_config",
@@ -188,6 +192,23 @@ def tiny_dit_config() -> KelixDiTConfig:
     return KelixDiTConfig.from_dict(raw)
 
 
+def release_dit_config() -> KelixDiTConfig:
+    """Kelix-DiT as released (kelix-dit.md §2) with the demo's ``model_max_length`` override 300 -> 720
+    (the checkpoint's ``y_embedding`` has 720 rows); every other field takes its code default
+    (2240 wide, 20 blocks of 20 heads, 32 latent channels). For benchmarks with random weights."""
+    return KelixDiTConfig.from_dict(
+        {
+            "__class__": "SanaConfig",
+            "model_max_length": 720,
+            "qk_norm": True,
+            "cross_norm": True,
+            "norm_eps": 1e-6,
+            "use_connector": True,
+            "connector_channels": 4096,
+        }
+    )
+
+
 def tiny_aedit_config() -> KelixDiTConfig:
     """A Kelix-AEDIT-like DiT for :func:`tiny_config`: no connector, conditioned directly on the fused
     Kelix-Tok code features (``output_dim`` = 48 wide), up to 64 condition rows."""
@@ -212,17 +233,12 @@ def _random_dit(config: KelixDiTConfig, seed: int, *, device, dtype) -> KelixDiT
     return KelixDiT.from_weights(config, _random_tensors(layout, seed), device=device, dtype=dtype)
 
 
-# The SANA f32c32 DC-AE structure with tiny widths (as the golden fixtures' VAE).
-TINY_VAE_CONFIG = {
+# The SANA 1.5 f32c32 DC-AE structure (kelix-dit.md §7), diffusers AutoencoderDC arguments; the widths
+# are the release's or tiny ones.
+_DC_AE_STRUCTURE = {
     "in_channels": 3,
-    "latent_channels": 8,
-    "attention_head_dim": 8,
     "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
     "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-    "encoder_block_out_channels": [8, 8, 16, 16, 32, 32],
-    "decoder_block_out_channels": [8, 8, 16, 16, 32, 32],
-    "encoder_layers_per_block": [1] * 6,
-    "decoder_layers_per_block": [1] * 6,
     "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
     "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
     "upsample_block_type": "interpolate",
@@ -230,6 +246,26 @@ TINY_VAE_CONFIG = {
     "decoder_norm_types": "rms_norm",
     "decoder_act_fns": "silu",
     "scaling_factor": 0.41407,
+}
+# The release DC-AE (SANA1.5_1.6B_1024px_diffusers/vae), for benchmarks with random weights.
+RELEASE_VAE_CONFIG = {
+    **_DC_AE_STRUCTURE,
+    "latent_channels": 32,
+    "attention_head_dim": 32,
+    "encoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
+    "decoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
+    "encoder_layers_per_block": [2, 2, 2, 3, 3, 3],
+    "decoder_layers_per_block": [3, 3, 3, 3, 3, 3],
+}
+# Tiny widths (as the golden fixtures' VAE).
+TINY_VAE_CONFIG = {
+    **_DC_AE_STRUCTURE,
+    "latent_channels": 8,
+    "attention_head_dim": 8,
+    "encoder_block_out_channels": [8, 8, 16, 16, 32, 32],
+    "decoder_block_out_channels": [8, 8, 16, 16, 32, 32],
+    "encoder_layers_per_block": [1] * 6,
+    "decoder_layers_per_block": [1] * 6,
 }
 
 

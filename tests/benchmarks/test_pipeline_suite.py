@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import pipeline, roofline, timing
+from kelix_fast import presets
 
 CPU = torch.device("cpu")
 STAGES = {*pipeline.TOK_STAGES, "generate", "dit.step", "dit.sample", "vae.decode", "t2i"}
@@ -197,7 +198,7 @@ def test_release_models_and_work_have_the_kelix_shapes():
     assert full.valid_rows == 326 and full.condition_rows == 720 and full.steps == 50
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
-        vae = diffusers.AutoencoderDC(**pipeline.RELEASE_VAE)
+        vae = diffusers.AutoencoderDC(**presets.RELEASE_VAE_CONFIG)
     assert sum(p.numel() for p in vae.parameters()) == pytest.approx(312e6, rel=0.01)  # §7
 
 
