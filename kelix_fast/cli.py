@@ -384,7 +384,7 @@ def serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP server, on uvicorn or (``--ray``) on Ray Serve."""
     try:  # the serve extra: fastapi, uvicorn, prometheus-client
         from kelix_fast.serving.openai_api import build_app
-        from kelix_fast.serving.server import build_pipeline, run_server
+        from kelix_fast.serving.server import build_pipeline, run_server, served_model_name
     except ImportError as e:
         raise UsageError(
             f"serve needs the serve extra: pip install 'kelix-fast[serve]' ({e})"
@@ -402,10 +402,9 @@ def serve(args: argparse.Namespace) -> int:
         model_max_length=args.max_condition_length,
         options=_options(args),
     )
-    default_name = "kelix-tiny" if args.tiny else os.path.basename(os.path.normpath(args.ar))
     app = build_app(
         pipe,
-        model_name=args.model_name or default_name,
+        model_name=args.model_name or served_model_name(tiny=args.tiny, ar=args.ar),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_context=args.max_context,
@@ -545,6 +544,22 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# --ar: required by generate and chat, one of --ar/--tiny for serve.
+_AR_FOLDER = {"type": _directory, "metavar": "DIR", "help": "Kelix-SFT folder (weights, tokenizer)"}
+
+
+def _add_output(parser: argparse.ArgumentParser, default: str) -> None:
+    """``-o/--output``: the image file a subcommand writes (checked before any model loads)."""
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=_output_image,
+        metavar="FILE",
+        default=default,
+        help="image file to write",
+    )
+
+
 def _add_rendering(
     parser: argparse.ArgumentParser,
     *,
@@ -609,14 +624,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         metavar="PIXELS",
         help=f"side of the square image in pixels, a multiple of {IMAGE_FACTOR}",
     )
-    p.add_argument(
-        "-o",
-        "--output",
-        type=_output_image,
-        metavar="FILE",
-        default="kelix_demo.png",
-        help="image file to write",
-    )
+    _add_output(p, "kelix_demo.png")
     _add_placement(p)
     _add_engine_options(p)
 
@@ -632,13 +640,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "--seed, the seed of the DiT's initial noise, alone varies the picture.",
     )
     p.add_argument("prompt", help="what to draw")
-    p.add_argument(
-        "--ar",
-        type=_directory,
-        metavar="DIR",
-        required=True,
-        help="Kelix-SFT folder (weights, tokenizer)",
-    )
+    p.add_argument("--ar", **_AR_FOLDER, required=True)
     p.add_argument("--dit", type=_directory, metavar="DIR", required=True, help="Kelix-DiT folder")
     p.add_argument(
         "--vae",
@@ -647,14 +649,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         required=True,
         help="DC-AE folder (diffusers format)",
     )
-    p.add_argument(
-        "-o",
-        "--output",
-        type=_output_image,
-        metavar="FILE",
-        default="kelix.png",
-        help="image file to write",
-    )
+    _add_output(p, "kelix.png")
     _add_rendering(
         p,
         model="the DiT",
@@ -684,13 +679,7 @@ def _add_chat(commands: argparse._SubParsersAction) -> None:
         "--temperature and --seed apply.",
     )
     p.add_argument("question", help="the question to answer")
-    p.add_argument(
-        "--ar",
-        type=_directory,
-        metavar="DIR",
-        required=True,
-        help="Kelix-SFT folder (weights, tokenizer)",
-    )
+    p.add_argument("--ar", **_AR_FOLDER, required=True)
     p.add_argument(
         "--image",
         type=_file,
@@ -768,14 +757,7 @@ def _add_reconstruct(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="DC-AE folder, diffusers format (needed with --ar)",
     )
-    p.add_argument(
-        "-o",
-        "--output",
-        type=_output_image,
-        metavar="FILE",
-        default="kelix_reconstruction.png",
-        help="image file to write",
-    )
+    _add_output(p, "kelix_reconstruction.png")
     _add_rendering(
         p,
         model="Kelix-AEDIT",
@@ -843,9 +825,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "Needs the serve extra: pip install 'kelix-fast[serve]'.",
     )
     models = p.add_mutually_exclusive_group(required=True)
-    models.add_argument(
-        "--ar", type=_directory, metavar="DIR", help="Kelix-SFT folder (weights, tokenizer)"
-    )
+    models.add_argument("--ar", **_AR_FOLDER)
     models.add_argument(
         "--tiny", action="store_true", help="the embedded tiny models (random weights, no files)"
     )

@@ -29,7 +29,7 @@ from ray import serve
 
 from kelix_fast.options import EngineOptions
 from kelix_fast.serving.openai_api import build_app
-from kelix_fast.serving.server import build_pipeline
+from kelix_fast.serving.server import build_pipeline, served_model_name
 from kelix_fast.weights import parse_dtype
 
 __all__ = ["RayServeOptions", "app", "build_ray_app", "run_ray"]
@@ -87,12 +87,9 @@ class KelixReplica:
             model_max_length=o.max_condition_length,
             options=o.engine,
         )
-        name = o.model_name or (
-            "kelix-tiny" if o.tiny else os.path.basename(os.path.normpath(o.ar))
-        )
         return build_app(
             pipeline,
-            model_name=name,
+            model_name=o.model_name or served_model_name(tiny=o.tiny, ar=o.ar),
             max_batch=o.max_batch,
             max_queue=o.max_queue,
             max_context=o.max_context,

@@ -56,6 +56,11 @@ def build_pipeline(
     )
 
 
+def served_model_name(*, tiny: bool, ar: str | os.PathLike[str] | None) -> str:
+    """The model id clients see when none is given: ``kelix-tiny``, or the Kelix-SFT folder's name."""
+    return "kelix-tiny" if tiny else os.path.basename(os.path.normpath(ar))
+
+
 def run_server(
     app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0
 ) -> None:
