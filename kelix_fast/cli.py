@@ -295,14 +295,7 @@ def generate(args: argparse.Namespace) -> int:
         model_max_length=args.max_condition_length,
         options=_options(args),
     )
-    image = pipe.generate_image(
-        args.prompt,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        size=args.size,
-        progress=_progress(),
-    )
+    image = pipe.generate_image(args.prompt, **_rendering(args))
     print(_save(image, args.output))
     _print_timings("per stage", pipe.timings)
     return 0
@@ -336,14 +329,10 @@ def reconstruct(args: argparse.Namespace) -> int:
     pipe = _reconstruction_pipeline(args)
     image = pipe.reconstruct(
         args.image,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        size=args.size,
         fusion=args.fusion,
         schedule=args.schedule,
         max_pixels=args.max_pixels,
-        progress=_progress(),
+        **_rendering(args),
     )
     print(_save(image, args.output))
     _print_timings("per stage", pipe.timings)
@@ -558,6 +547,17 @@ def _add_output(parser: argparse.ArgumentParser, default: str) -> None:
         default=default,
         help="image file to write",
     )
+
+
+def _rendering(args: argparse.Namespace) -> dict[str, object]:
+    """The options of :func:`_add_rendering` as ``generate_image``/``reconstruct`` take them."""
+    return {
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "size": args.size,
+        "progress": _progress(),
+    }
 
 
 def _add_rendering(
