@@ -45,6 +45,7 @@ _KEY_MASK_BIAS = 2
 
 MAX_HEAD_DIM = 256  # BLOCK_D is the head dim rounded up to a power of two, at least _MIN_DOT_DIM
 _MIN_DOT_DIM = 16  # the smallest K-dim of tl.dot
+_VECTOR_BYTES = 16  # the widest global load (and cp.async) of one thread
 _LOG2E = tl.constexpr(math.log2(math.e))
 
 # (BLOCK_M, BLOCK_N, num_warps) on a GPU, keyed by (float32 inputs, BLOCK_D). Hopper: hd 128 in bf16
@@ -73,6 +74,25 @@ INTERPRETER_BLOCKS = (64, 32)
 
 def block_d(head_dim: int) -> int:
     return max(_MIN_DOT_DIM, triton.next_power_of_2(head_dim))
+
+
+def stride_alignment(*tensors: torch.Tensor) -> int:
+    """STRIDE_ALIGN of a launch: the largest power of two, at most one 16-byte vector of elements, that
+    divides every token and head stride of ``tensors`` ([T, H, d] each); 1 unless every head-dim stride
+    is 1 (then there is nothing contiguous to vectorize)."""
+    width = _VECTOR_BYTES // tensors[0].element_size()
+    for t in tensors:
+        if t.stride(-1) != 1:
+            return 1
+        for stride in t.stride()[:-1]:
+            while stride % width:
+                width //= 2
+    return width
+
+
+def _scaled_strides(t: torch.Tensor, align: int) -> tuple[int, int, int]:
+    """(token, head, dim) strides of ``t`` with the first two divided by ``align`` (exact)."""
+    return t.stride(0) // align, t.stride(1) // align, t.stride(2)
 
 
 def blocks(
@@ -201,9 +221,22 @@ def _flash_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,  # the token and head strides arrive divided by it
     UPCAST_DOT: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,
 ):
+    # The token and head strides arrive divided by STRIDE_ALIGN (see stride_alignment). Head strides such
+    # as the ViT's 72 are not multiples of 16, which Triton cannot see from the value: it would assume any
+    # alignment and load one element per instruction, with no async copies. Multiplying by the constexpr
+    # proves every tile row starts on a STRIDE_ALIGN-element boundary: 16-byte vectors again.
+    stride_q_t *= STRIDE_ALIGN
+    stride_q_h *= STRIDE_ALIGN
+    stride_k_t *= STRIDE_ALIGN
+    stride_k_h *= STRIDE_ALIGN
+    stride_v_t *= STRIDE_ALIGN
+    stride_v_h *= STRIDE_ALIGN
+    stride_o_t *= STRIDE_ALIGN
+    stride_o_h *= STRIDE_ALIGN
     # One flat axis (CUDA's y/z grid axes stop at 65535): heads vary fastest, so the query heads of one
     # KV head run side by side and share its K/V in L2; the last query tiles (the most keys under a
     # causal mask) are launched first.
@@ -329,6 +362,7 @@ def flash_attention(
     num_tiles = triton.cdiv(max_seqlen, block_m)
     programs = num_tiles * num_seqs * heads
     assert programs < 2**31, f"grid of {programs} programs"
+    align = stride_alignment(q, k, v, out)
 
     if key_end is not None:
         mask = KEY_END
@@ -352,16 +386,17 @@ def flash_attention(
         heads // k.shape[1],
         scale if key_mode == _KEY_MASK_BIAS else scale * _LOG2E.value,
         0.0 if masked_bias is None else masked_bias,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
+        *_scaled_strides(q, align),
+        *_scaled_strides(k, align),
+        *_scaled_strides(v, align),
+        *_scaled_strides(out, align),
         MASK=mask,
         KEY_MASK=key_mode,
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=width,
+        STRIDE_ALIGN=align,
         UPCAST_DOT=interpreter,
         BF16_BY_BITS=interpreter,
         num_warps=num_warps,

@@ -38,7 +38,9 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.norm_eps)
         self.k_norm = RMSNorm(hd, config.norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, q_start, kv_lens) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, cache: KVCache, layer: int, q_start, kv_lens, fresh_seqlens
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         # QK-norm and RoPE in one pass per tensor (ops.rms_norm with rope).
         q = self.q_proj(x).view(batch, length, self.num_heads, -1)
@@ -47,9 +49,21 @@ class Qwen3Attention(nn.Module):
         k = ops.rms_norm(k, self.k_norm.scale, eps=self.k_norm.eps, rope_cos=cos, rope_sin=sin)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, -1)
         cache.write(layer, k, v, q_start)
-        out = ops.cached_attention(
-            q, cache.k[layer], cache.v[layer], q_start=q_start, kv_lens=kv_lens, causal=True
-        )
+        if fresh_seqlens is None:
+            out = ops.cached_attention(
+                q, cache.k[layer], cache.v[layer], q_start=q_start, kv_lens=kv_lens, causal=True
+            )
+        else:
+            # A prefill into an empty cache attends to its own new keys only: the flash kernel over the
+            # batch as a pack of padded rows (causal, so a real row never sees its padding).
+            out = ops.attention(
+                q.flatten(0, 1),
+                k.flatten(0, 1),
+                v.flatten(0, 1),
+                cu_seqlens=fresh_seqlens,
+                max_seqlen=length,
+                mask="causal",
+            ).view_as(q)
         return self.output_proj(out.flatten(2))
 
 
@@ -61,8 +75,8 @@ class Qwen3Layer(nn.Module):
         self.mlp_norm = RMSNorm(config.embed_dim, config.norm_eps)
         self.mlp = SwiGLU(config.embed_dim, config.intermediate_dim)
 
-    def forward(self, x, cos, sin, cache, layer, q_start, kv_lens) -> torch.Tensor:
-        x = x + self.attn(self.sa_norm(x), cos, sin, cache, layer, q_start, kv_lens)
+    def forward(self, x, cos, sin, cache, layer, q_start, kv_lens, fresh_seqlens) -> torch.Tensor:
+        x = x + self.attn(self.sa_norm(x), cos, sin, cache, layer, q_start, kv_lens, fresh_seqlens)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -134,8 +148,14 @@ class KelixLLM(nn.Module):
         kv_lens: torch.Tensor,
         *,
         output_hidden_states: bool = False,
+        fresh: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Run the layers on embeddings x: [B, T, D] at positions ``q_start[b] + i``, filling ``cache``.
+
+        ``fresh``: the caller promises ``q_start == 0`` and a cache holding nothing yet of these rows (a
+        prefill): attention then reads the new keys directly (``ops.attention``, causal over the padded
+        rows, whose results past ``kv_lens[b]`` are garbage the caller ignores, as always) instead of
+        the cache.
 
         Returns the last layer's output [B, T, D] (before the final norm) and, if asked, every layer's
         input plus that output (``num_layers + 1`` tensors, as the official ``hidden_states``).
@@ -143,8 +163,14 @@ class KelixLLM(nn.Module):
         pos = q_start[:, None] + torch.arange(x.shape[1], device=x.device)  # [B, T]
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [B, T, d/2]
         states = [x] if output_hidden_states else None
+        batch, length = x.shape[:2]
+        fresh_seqlens = (
+            torch.arange(0, batch * length + 1, length, device=x.device)
+            if fresh and length
+            else None
+        )
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, q_start, kv_lens)
+            x = layer(x, cos, sin, cache, i, q_start, kv_lens, fresh_seqlens)
             if states is not None:
                 states.append(x)
         return x, states

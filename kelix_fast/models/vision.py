@@ -57,12 +57,14 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hidden)
         self.output_proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x, cos, sin, cu_seqlens) -> torch.Tensor:
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         heads = (x.shape[0], self.num_heads, -1)
         q = ops.rotate_half_rope(self.q_proj(x).view(heads), cos, sin)
         k = ops.rotate_half_rope(self.k_proj(x).view(heads), cos, sin)
         v = self.v_proj(x).view(heads)
-        out = ops.attention(q, k, v, cu_seqlens=cu_seqlens, mask="bidirectional")
+        out = ops.attention(
+            q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, mask="bidirectional"
+        )
         return self.output_proj(out.flatten(1))
 
 
@@ -86,8 +88,8 @@ class VisionLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x, cos, sin, cu_seqlens) -> torch.Tensor:
-        x = x + self.attn(self.sa_norm(x), cos, sin, cu_seqlens)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+        x = x + self.attn(self.sa_norm(x), cos, sin, cu_seqlens, max_seqlen)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -121,8 +123,12 @@ class VisionTransformer(nn.Module):
         cos, sin = self._rope(grids, x.dtype, x.device)
         sizes = [t * h * w for t, h, w in grids]
         cu_seqlens = torch.tensor([0, *sizes], device=x.device).cumsum(0)
-        for layer in self.encoder.layers:
-            x = layer(x, cos, sin, cu_seqlens)
+        # cu_seqlens and max_seqlen come from the validated grids: the attention op need not read
+        # cu_seqlens back to the host to check them in every layer (a device sync each).
+        max_seqlen = max(sizes)
+        with ops.trusted_values():
+            for layer in self.encoder.layers:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen)
         return self.ln_post(x)
 
     def _rope(self, grids, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -42,5 +42,6 @@ def prefill(
         torch.zeros_like(lengths),
         lengths,
         output_hidden_states=hidden_states,
+        fresh=True,  # every prompt starts at position 0 in an empty (or overwritten) cache
     )
     return h, states, cache, lengths

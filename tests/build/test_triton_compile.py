@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Runs in the subprocess: compiles each configuration with the launcher's own block table and prints
 # one JSON object per configuration. Configurations: (name, module, kernel, pointer dtypes, constexprs).
 _COMPILE_SCRIPT = r"""
-import json, sys, time
+import json, re, sys, time
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -97,16 +97,25 @@ FLASH_MASKS = {"bidirectional": flash_attention.BIDIRECTIONAL, "causal": flash_a
 def flash_attention_config(dtype, head_dim, mask, key_mask=0, max_seqlen=4096):
     # LLM prefill: hd 128 (H 32 / Hkv 8); ViT: hd 72 padded to BLOCK_D 128; packed Block Decoder
     # sequences: max_seqlen 9 (16 x 16 tiles). key_mask 2 is the biased key mask (natural-unit scores).
+    # The strides are those of q/k/v/out views [T, H, d] of [T, H * d] projections, divided by
+    # STRIDE_ALIGN as the launcher passes them: hd 72 gives head strides that are not multiples of 16.
     block_m, block_n, num_warps = flash_attention.blocks(dtype == "float32", head_dim, max_seqlen, False)
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "cu_seqlens_ptr": "int32",
                 "key_end_ptr": "int32", "key_mask_ptr": "bool", "out_ptr": dtype}
+    align = 8 if dtype == "bfloat16" else 4
+    heads = 16
+    ints = {}
+    for t in "qkvo":
+        ints |= {f"stride_{t}_t": heads * head_dim // align, f"stride_{t}_h": head_dim // align}
     constexprs = {"stride_q_d": 1, "stride_k_d": 1, "stride_v_d": 1, "stride_o_d": 1,
                   "MASK": FLASH_MASKS[mask], "KEY_MASK": key_mask,
                   "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                  "BLOCK_D": flash_attention.block_d(head_dim), "UPCAST_DOT": False, "BF16_BY_BITS": False}
+                  "BLOCK_D": flash_attention.block_d(head_dim), "STRIDE_ALIGN": align,
+                  "UPCAST_DOT": False, "BF16_BY_BITS": False}
     name = (f"flash_attention-{mask.replace('_', '-')}{'-keybias' if key_mask else ''}-{dtype}-hd{head_dim}"
             f"{'-short' if max_seqlen < block_m else ''}")
-    return name, flash_attention._flash_attention_kernel, pointers, {"qk_scale": "fp32", "masked_bias": "fp32"}, constexprs, num_warps
+    scalars = {"qk_scale": "fp32", "masked_bias": "fp32"}
+    return name, flash_attention._flash_attention_kernel, pointers, scalars, constexprs, num_warps, ints
 
 DECODE_SHAPES = {"decode": (1, 1, 32, 8, 128, 4096), "prefill": (1, 2048, 32, 8, 128, 4096),
                  "block_decoder": (64, 1, 4, 4, 128, 9)}  # (B, Lq, H, Hkv, d, S)
@@ -162,18 +171,24 @@ configs += [decode_attention_config(dtype, shape) for dtype in ("bfloat16", "flo
 configs += [decode_attention_merge_config(dtype) for dtype in ("bfloat16", "float32")]
 configs += [rms_norm_config(dtype, dim, rope) for dtype in ("bfloat16", "float32")
             for dim, rope in ((4096, False), (128, True))]
-for name, kernel, pointers, scalars, constexprs, num_warps in configs:
-    signature = {}
-    for arg in kernel.arg_names:
+for name, kernel, pointers, scalars, constexprs, num_warps, *known in configs:
+    # A launch specializes what Triton sees in the values: pointers are 16-byte aligned (torch
+    # allocations are), and integers that are multiples of 16 (the known stride values) say so.
+    ints = known[0] if known else {}
+    signature, attrs = {}, {}
+    for index, arg in enumerate(kernel.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg in pointers:
             signature[arg] = TRITON_TYPES[pointers[arg]]
+            attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = scalars.get(arg, "i32")
+            if ints.get(arg, 1) % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     start = time.perf_counter()
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": num_warps},
     )
@@ -183,6 +198,9 @@ for name, kernel, pointers, scalars, constexprs, num_warps in configs:
         "target": ".target sm_90a" in ptx, "cubin_bytes": len(compiled.asm.get("cubin", b"")),
         "wgmma": "wgmma" in ptx, "mma": "mma" in ptx, "tf32": ".tf32" in ptx,
         "shared_bytes": compiled.metadata.shared,
+        # one 16-bit element per load instruction: what unaligned tiles of a 16-bit tensor compile to
+        "scalar_16bit_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", ptx)),
+        "async_copies": ptx.count("cp.async"),
     }), flush=True)
 """
 
@@ -308,6 +326,18 @@ def test_flash_attention_on_hopper(compiled: dict[str, dict]) -> None:
             assert fact["shared_bytes"] <= 232448, (
                 f"{name}: {fact['shared_bytes']} bytes of shared memory"
             )
+
+
+def test_flash_attention_tiles_load_as_vectors(compiled: dict[str, dict]) -> None:
+    # The ViT's head dim 72 gives head strides that are not multiples of 16: without STRIDE_ALIGN every
+    # bf16 element of a Q/K/V tile was its own 2-byte load and nothing was copied asynchronously (the
+    # cause of Kelix-Tok's 318 ms at 980 px on the H200). Every 16-bit configuration now loads its tiles
+    # as 16-byte vectors through cp.async, as hd 128 always did.
+    for name in CONFIGS:
+        if name.startswith("flash_attention") and "bfloat16" in name:
+            fact = compiled[name]
+            assert fact["scalar_16bit_loads"] == 0, f"{name}: {fact['scalar_16bit_loads']} 2-byte loads"
+            assert fact["async_copies"], f"{name}: no cp.async"
 
 
 def test_decode_attention_on_hopper(compiled: dict[str, dict]) -> None:

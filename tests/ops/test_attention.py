@@ -310,23 +310,41 @@ def test_triton_short_sequences_take_small_tiles():
     assert_matches(got, naive(q, k, v, cu, mask="causal"), torch.bfloat16)
 
 
-def test_launcher_fills_poisoned_outputs_of_strided_inputs():
+@pytest.mark.parametrize("width", [16, 19])
+def test_launcher_fills_poisoned_outputs_of_strided_inputs(width):
     """Every row of every sequence is written (NaN-poisoned output, a single row, an empty member);
-    q/k/v are head slices of one fused [T, H + 2 Hkv, d] projection (strided rows)."""
+    q/k/v are head slices of one fused [T, H + 2 Hkv, width] projection (strided rows), cut to d = 16:
+    width 16 gives strides that are multiples of 4 (STRIDE_ALIGN 4), width 19 odd ones (STRIDE_ALIGN 1)."""
     kernels = triton_kernels.interpreted("flash_attention")  # CPU tensors below
 
     lengths = [1, 0, 65, 7]
     gen = torch.Generator().manual_seed(9)
-    qkv = torch.randn(73, 4 + 2 * 2, 16, generator=gen)
+    qkv = torch.randn(73, 4 + 2 * 2, width, generator=gen)[..., :16]
     q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
     cu = torch.tensor([0, *lengths]).cumsum(0)
     for causal in (False, True):
         out = torch.full((73, 4, 16), float("nan"))
+        assert kernels.stride_alignment(q, k, v, out) == (4 if width == 16 else 1)
         kernels.flash_attention(
             q, k, v, cu, None, None, out, max_seqlen=65, causal=causal, scale=0.25, masked_bias=None
         )
         want = naive(q, k, v, cu, mask="causal" if causal else "bidirectional", scale=0.25)
         assert_matches(out, want, torch.float32)
+
+
+def test_stride_alignment_is_the_vector_width_every_stride_shares():
+    """STRIDE_ALIGN promises the compiler that every token and head stride is a multiple of it: too
+    large a value would make misaligned vector loads on a GPU, so it is checked on the layouts that
+    occur (the ViT's [T, 16, 72] bf16 views, fused projections, a transposed head dim)."""
+    from kelix_fast.triton_kernels import flash_attention as kernels
+
+    vit = torch.empty(10, 16 * 72, dtype=torch.bfloat16).view(10, 16, 72)
+    assert kernels.stride_alignment(vit) == 8  # one 16-byte vector of bf16
+    assert kernels.stride_alignment(vit.float()) == 4
+    assert kernels.stride_alignment(vit, torch.empty(10, 16, 76, dtype=torch.bfloat16)) == 4
+    assert kernels.stride_alignment(torch.empty(10, 3, 5, dtype=torch.bfloat16)) == 1
+    head_dim_strided = torch.empty(72, 16, 10).transpose(0, 2)  # head-dim stride 160
+    assert kernels.stride_alignment(head_dim_strided) == 1
 
 
 def test_triton_largest_interpreted_size():
