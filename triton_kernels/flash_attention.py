@@ -43,7 +43,7 @@ _NO_KEY_MASK = 0
 _KEY_MASK_EXCLUDE = 1
 _KEY_MASK_BIAS = 2
 
-MAX_HEAD_DIM = 256  # BLOCK_D is the head dim rounded up to a power of two, at least _MIN_DOT_DIM
+MAX_HEAD_DIM = 256  # the head dims are one or two power-of-two column blocks (head_dim_blocks)
 _MIN_DOT_DIM = 16  # the smallest K-dim of tl.dot
 _VECTOR_BYTES = 16  # the widest global load (and cp.async) of one thread
 _LOG2E = tl.constexpr(math.log2(math.e))
@@ -64,9 +64,12 @@ _BLOCKS = {
     (True, 128): (32, 32, 4),
     (True, 256): (16, 32, 4),
 }
-# A padded 16-bit head dim (ViT 72, or 112 -> BLOCK_D 128) holds 128-wide registers for less useful
-# work: half the query rows, 4 warps.
+# A padded 16-bit head dim (112 -> BLOCK_D 128) holds 128-wide registers for less useful work: half the
+# query rows, 4 warps.
 _PADDED_128 = (64, 64, 4)
+# A 16-bit head dim split in two column blocks (ViT 72 -> 64 + 16): 80 columns, the 128-row tiles of
+# hd 64 over 8 warps. Not tuned on a GPU yet.
+_SPLIT_16BIT = (128, 64, 8)
 # Under the interpreter every (program x loop iteration) costs milliseconds: few, wide tiles. BLOCK_M
 # differs from BLOCK_N so that the tests see tile edges that do not line up.
 INTERPRETER_BLOCKS = (64, 32)
@@ -74,6 +77,18 @@ INTERPRETER_BLOCKS = (64, 32)
 
 def block_d(head_dim: int) -> int:
     return max(_MIN_DOT_DIM, triton.next_power_of_2(head_dim))
+
+
+def head_dim_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the head dims as one power-of-two column block (BLOCK_D2 = 0), or as two
+    when that wastes less tensor-core work: 72 -> (64, 16) (80 columns instead of 128), 96 -> (64, 32),
+    but 112 -> (128, 0) (64 + 64 would save nothing)."""
+    whole = block_d(head_dim)
+    first = max(_MIN_DOT_DIM, whole // 2)
+    if head_dim <= first:
+        return whole, 0
+    second = block_d(head_dim - first)
+    return (first, second) if first + second < whole else (whole, 0)
 
 
 def stride_alignment(*tensors: torch.Tensor) -> int:
@@ -103,9 +118,11 @@ def blocks(
     Tiles are never taller or wider than the longest sequence rounded up to a power of two (at least
     16): packed 9-slot Block Decoder sequences take 16 x 16 tiles instead of wasting 127 of 128 rows.
     """
-    width = block_d(head_dim)
+    width, second = head_dim_blocks(head_dim)
     if interpreter:
         block_m, block_n, num_warps = (*INTERPRETER_BLOCKS, 4)
+    elif second and not float32:
+        block_m, block_n, num_warps = _SPLIT_16BIT
     elif not float32 and width == 128 and head_dim != width:
         block_m, block_n, num_warps = _PADDED_128
     else:
@@ -121,11 +138,19 @@ def _attend_key_tile(
     acc,  # [BLOCK_M, BLOCK_D] float32
     l_i,  # [BLOCK_M] float32
     m_i,  # [BLOCK_M] float32
+    acc2,  # [BLOCK_M, BLOCK_D2] float32: the head dims from BLOCK_D on (SPLIT only)
     q,  # [BLOCK_M, BLOCK_D]
-    k_ptrs,  # [BLOCK_D, BLOCK_N] pointers of this tile's keys (transposed)
-    v_ptrs,  # [BLOCK_N, BLOCK_D] pointers of this tile's values
+    q2,  # [BLOCK_M, BLOCK_D2] (SPLIT only)
+    k_tile,  # pointer to key n0 of the sequence, head dim 0 (a scalar)
+    v_tile,  # the same of the values
+    k_offs,  # [BLOCK_D, BLOCK_N] int32 offsets of the tile's keys (transposed) from k_tile
+    v_offs,  # [BLOCK_N, BLOCK_D] int32 offsets of the tile's values from v_tile
     k_dim_ok,  # [BLOCK_D, 1] bool: the real head dims
     v_dim_ok,  # [1, BLOCK_D] bool
+    k2_offs,  # [BLOCK_D2, BLOCK_N] offsets of the keys' head dims from BLOCK_D on (SPLIT only)
+    v2_offs,  # [BLOCK_N, BLOCK_D2] the same of the values (SPLIT only)
+    k2_dim_ok,  # [BLOCK_D2, 1] bool (SPLIT only)
+    v2_dim_ok,  # [1, BLOCK_D2] bool (SPLIT only)
     key_mask_ptr,  # key 0 of the sequence (KEY_MASK only)
     n0,  # first key of the tile, relative to the sequence start
     seq_len,
@@ -135,10 +160,12 @@ def _attend_key_tile(
     MASKED: tl.constexpr,  # apply row_end and the sequence end (the diagonal and last tiles)
     KEY_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,
 ):
-    """One key tile of the online softmax: returns the updated (acc, l, m).
+    """One key tile of the online softmax: returns the updated (acc, acc2, l, m).
 
     The tiles of the first loop lie inside the sequence and are seen whole by every row: their loads
     and scores need no key mask. The products are :func:`_dot.dot`: tensor cores for bf16/fp16 tiles,
@@ -152,8 +179,13 @@ def _attend_key_tile(
     else:
         k_mask = k_dim_ok
         v_mask = v_dim_ok
-    k_t = tl.load(k_ptrs, mask=k_mask, other=0.0)
-    scores = dot(q, k_t, UPCAST_DOT) * qk_scale
+    k_t = tl.load(k_tile + k_offs, mask=k_mask, other=0.0)
+    scores = dot(q, k_t, UPCAST_DOT)
+    if SPLIT:
+        k2_mask = k2_dim_ok & key_ok[None, :] if MASKED else k2_dim_ok
+        k2_t = tl.load(k_tile + k2_offs, mask=k2_mask, other=0.0)
+        scores += dot(q2, k2_t, UPCAST_DOT)
+    scores = scores * qk_scale
     if KEY_MASK != 0:
         if MASKED:
             keep = tl.load(key_mask_ptr + keys, mask=key_ok, other=0) != 0
@@ -180,12 +212,16 @@ def _attend_key_tile(
         alpha = tl.exp2(m_i - m_base)
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
-    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    v = tl.load(v_tile + v_offs, mask=v_mask, other=0.0)
     # P in the value dtype (rounded to nearest even), as flash attention feeds the tensor cores.
     if v.dtype != tl.float32:
         p = cast_rne(p, v.dtype, BF16_BY_BITS)
     acc = acc * alpha[:, None] + dot(p, v, UPCAST_DOT)
-    return acc, l_i, m_new
+    if SPLIT:
+        v2_mask = key_ok[:, None] & v2_dim_ok if MASKED else v2_dim_ok
+        v2 = tl.load(v_tile + v2_offs, mask=v2_mask, other=0.0)
+        acc2 = acc2 * alpha[:, None] + dot(p, v2, UPCAST_DOT)
+    return acc, acc2, l_i, m_new
 
 
 @triton.jit
@@ -221,6 +257,8 @@ def _flash_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,  # >= 16; the second column block of the head dims when SPLIT
+    SPLIT: tl.constexpr,
     STRIDE_ALIGN: tl.constexpr,  # the token and head strides arrive divided by it
     UPCAST_DOT: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,
@@ -263,17 +301,33 @@ def _flash_attention_kernel(
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     )
+    # Head dims BLOCK_D .. BLOCK_D + BLOCK_D2 (SPLIT): a second, narrower column block, so that e.g. the
+    # ViT's 72 costs 64 + 16 columns of tensor-core work instead of a padded 128. Its pointers are the
+    # first block's plus BLOCK_D head dims.
+    dims2 = tl.arange(0, BLOCK_D2)
+    dim2_ok = BLOCK_D + dims2 < HEAD_DIM
+    if SPLIT:
+        q2 = tl.load(
+            q_tile + local[:, None] * stride_q_t + (BLOCK_D + dims2)[None, :] * stride_q_d,
+            mask=row_ok[:, None] & dim2_ok[None, :],
+            other=0.0,
+        )
+    else:
+        q2 = tl.zeros([BLOCK_M, BLOCK_D2], q_ptr.dtype.element_ty)  # never read
+    # K/V tiles: a scalar 64-bit pointer per tile (advanced by one tile per iteration: long packs never
+    # overflow an int32 offset) plus loop-invariant int32 offsets inside the tile. Loop-carried tensors
+    # of 64-bit pointers instead cost two registers per element and made hd 128 spill (sm_90a SASS).
     cols = tl.arange(0, BLOCK_N)
-    k_ptrs = (
-        k_ptr + seq_start * stride_k_t + kv_head * stride_k_h
-        + cols[None, :] * stride_k_t + dims[:, None] * stride_k_d
-    )  # fmt: skip
-    v_ptrs = (
-        v_ptr + seq_start * stride_v_t + kv_head * stride_v_h
-        + cols[:, None] * stride_v_t + dims[None, :] * stride_v_d
-    )  # fmt: skip
+    k_tile = k_ptr + seq_start * stride_k_t + kv_head * stride_k_h
+    v_tile = v_ptr + seq_start * stride_v_t + kv_head * stride_v_h
+    k_offs = cols[None, :] * stride_k_t + dims[:, None] * stride_k_d
+    v_offs = cols[:, None] * stride_v_t + dims[None, :] * stride_v_d
+    k2_offs = cols[None, :] * stride_k_t + (BLOCK_D + dims2)[:, None] * stride_k_d
+    v2_offs = cols[:, None] * stride_v_t + (BLOCK_D + dims2)[None, :] * stride_v_d
     k_dim_ok = dim_ok[:, None]
     v_dim_ok = dim_ok[None, :]
+    k2_dim_ok = dim2_ok[:, None]
+    v2_dim_ok = dim2_ok[None, :]
     key_mask_seq = key_mask_ptr + seq_start
 
     last_row = tl.minimum(m0 + BLOCK_M, seq_len) - 1
@@ -295,35 +349,41 @@ def _flash_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # The tile pointers advance by one tile per iteration (64-bit pointer adds of a small step: long
-    # packs never overflow an int32 offset); the second loop continues where the first stopped.
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)  # loop-invariant (folded away) unless SPLIT
+    # The second loop continues where the first stopped.
     k_step = BLOCK_N * stride_k_t
     v_step = BLOCK_N * stride_v_t
     for n0 in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, k_dim_ok, v_dim_ok, key_mask_seq,
-            n0, seq_len, row_end, qk_scale, masked_bias,
-            False, KEY_MASK, BLOCK_N, UPCAST_DOT, BF16_BY_BITS,
+        acc, acc2, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, acc2, q, q2, k_tile, v_tile, k_offs, v_offs, k_dim_ok, v_dim_ok,
+            k2_offs, v2_offs, k2_dim_ok, v2_dim_ok, key_mask_seq, n0, seq_len, row_end, qk_scale,
+            masked_bias, False, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2, UPCAST_DOT, BF16_BY_BITS,
         )  # fmt: skip
-        k_ptrs += k_step
-        v_ptrs += v_step
+        k_tile += k_step
+        v_tile += v_step
     for n0 in range(full_end, tile_end, BLOCK_N):
-        acc, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, k_dim_ok, v_dim_ok, key_mask_seq,
-            n0, seq_len, row_end, qk_scale, masked_bias,
-            True, KEY_MASK, BLOCK_N, UPCAST_DOT, BF16_BY_BITS,
+        acc, acc2, l_i, m_i = _attend_key_tile(
+            acc, l_i, m_i, acc2, q, q2, k_tile, v_tile, k_offs, v_offs, k_dim_ok, v_dim_ok,
+            k2_offs, v2_offs, k2_dim_ok, v2_dim_ok, key_mask_seq, n0, seq_len, row_end, qk_scale,
+            masked_bias, True, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2, UPCAST_DOT, BF16_BY_BITS,
         )  # fmt: skip
-        k_ptrs += k_step
-        v_ptrs += v_step
+        k_tile += k_step
+        v_tile += v_step
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0: no visible key, the row is zero
+    norm = tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0: no visible key, the row is zero
     out_dtype = out_ptr.dtype.element_ty
     o_tile = out_ptr + (seq_start + m0) * stride_o_t + head.to(tl.int64) * stride_o_h
     tl.store(
         o_tile + local[:, None] * stride_o_t + dims[None, :] * stride_o_d,
-        cast_rne(out, out_dtype, BF16_BY_BITS),
+        cast_rne(acc / norm, out_dtype, BF16_BY_BITS),
         mask=row_ok[:, None] & dim_ok[None, :],
     )
+    if SPLIT:
+        tl.store(
+            o_tile + local[:, None] * stride_o_t + (BLOCK_D + dims2)[None, :] * stride_o_d,
+            cast_rne(acc2 / norm, out_dtype, BF16_BY_BITS),
+            mask=row_ok[:, None] & dim2_ok[None, :],
+        )
 
 
 def flash_attention(
@@ -355,7 +415,7 @@ def flash_attention(
         return
     assert head_dim <= MAX_HEAD_DIM, f"head dim {head_dim} > {MAX_HEAD_DIM}"
     interpreter = interpreted(_flash_attention_kernel)
-    width = block_d(head_dim)
+    width, second = head_dim_blocks(head_dim)
     block_m, block_n, num_warps = blocks(
         q.dtype == torch.float32, head_dim, max_seqlen, interpreter
     )
@@ -396,6 +456,8 @@ def flash_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=width,
+        BLOCK_D2=max(second, _MIN_DOT_DIM),
+        SPLIT=second > 0,
         STRIDE_ALIGN=align,
         UPCAST_DOT=interpreter,
         BF16_BY_BITS=interpreter,

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Runs in the subprocess: compiles each configuration with the launcher's own block table and prints
 # one JSON object per configuration. Configurations: (name, module, kernel, pointer dtypes, constexprs).
 _COMPILE_SCRIPT = r"""
-import json, re, sys, time
+import json, os, re, subprocess, sys, tempfile, time
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -95,11 +95,12 @@ FLASH_MASKS = {"bidirectional": flash_attention.BIDIRECTIONAL, "causal": flash_a
                "block_causal": flash_attention.KEY_END}  # block-causal runs on per-row key ends
 
 def flash_attention_config(dtype, head_dim, mask, key_mask=0, max_seqlen=4096):
-    # LLM prefill: hd 128 (H 32 / Hkv 8); ViT: hd 72 padded to BLOCK_D 128; packed Block Decoder
+    # LLM prefill: hd 128 (H 32 / Hkv 8); ViT: hd 72 as 64 + 16 columns; packed Block Decoder
     # sequences: max_seqlen 9 (16 x 16 tiles). key_mask 2 is the biased key mask (natural-unit scores).
     # The strides are those of q/k/v/out views [T, H, d] of [T, H * d] projections, divided by
     # STRIDE_ALIGN as the launcher passes them: hd 72 gives head strides that are not multiples of 16.
     block_m, block_n, num_warps = flash_attention.blocks(dtype == "float32", head_dim, max_seqlen, False)
+    width, second = flash_attention.head_dim_blocks(head_dim)
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "cu_seqlens_ptr": "int32",
                 "key_end_ptr": "int32", "key_mask_ptr": "bool", "out_ptr": dtype}
     align = 8 if dtype == "bfloat16" else 4
@@ -110,7 +111,7 @@ def flash_attention_config(dtype, head_dim, mask, key_mask=0, max_seqlen=4096):
     constexprs = {"stride_q_d": 1, "stride_k_d": 1, "stride_v_d": 1, "stride_o_d": 1,
                   "MASK": FLASH_MASKS[mask], "KEY_MASK": key_mask,
                   "HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                  "BLOCK_D": flash_attention.block_d(head_dim), "STRIDE_ALIGN": align,
+                  "BLOCK_D": width, "BLOCK_D2": max(second, 16), "SPLIT": second > 0, "STRIDE_ALIGN": align,
                   "UPCAST_DOT": False, "BF16_BY_BITS": False}
     name = (f"flash_attention-{mask.replace('_', '-')}{'-keybias' if key_mask else ''}-{dtype}-hd{head_dim}"
             f"{'-short' if max_seqlen < block_m else ''}")
@@ -151,6 +152,8 @@ def rms_norm_config(dtype, dim, rope):
     return (f"rms_norm-{'rope-' if rope else ''}{dtype}", rms_norm._rms_norm_kernel, pointers,
             {"eps": "fp32"}, constexprs, 4 if block_d <= 1024 else 8)
 
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+workdir = tempfile.mkdtemp()
 TRITON_TYPES = {"bfloat16": "*bf16", "float32": "*fp32", "int64": "*i64", "uint8": "*u8", "int32": "*i32",
                 "bool": "*i1"}
 configs = [codebook_config(dtype, exact) for dtype in ("bfloat16", "float32") for exact in (False, True)]
@@ -193,6 +196,12 @@ for name, kernel, pointers, scalars, constexprs, num_warps, *known in configs:
         options={"num_warps": num_warps},
     )
     ptx = compiled.asm["ptx"]
+    # Registers and spills of the cubin, from the cuobjdump that triton ships.
+    cubin = os.path.join(workdir, name + ".cubin")
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], check=True, capture_output=True, text=True)
+    registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout).groups())
     print(json.dumps({
         "name": name, "seconds": round(time.perf_counter() - start, 2),
         "target": ".target sm_90a" in ptx, "cubin_bytes": len(compiled.asm.get("cubin", b"")),
@@ -201,6 +210,7 @@ for name, kernel, pointers, scalars, constexprs, num_warps, *known in configs:
         # one 16-bit element per load instruction: what unaligned tiles of a 16-bit tensor compile to
         "scalar_16bit_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", ptx)),
         "async_copies": ptx.count("cp.async"),
+        "registers": registers, "stack_bytes": stack,
     }), flush=True)
 """
 
@@ -328,16 +338,23 @@ def test_flash_attention_on_hopper(compiled: dict[str, dict]) -> None:
             )
 
 
-def test_flash_attention_tiles_load_as_vectors(compiled: dict[str, dict]) -> None:
+def test_flash_attention_tiles_load_as_vectors_without_spills(compiled: dict[str, dict]) -> None:
     # The ViT's head dim 72 gives head strides that are not multiples of 16: without STRIDE_ALIGN every
     # bf16 element of a Q/K/V tile was its own 2-byte load and nothing was copied asynchronously (the
-    # cause of Kelix-Tok's 318 ms at 980 px on the H200). Every 16-bit configuration now loads its tiles
-    # as 16-byte vectors through cp.async, as hd 128 always did.
+    # likely cause of Kelix-Tok's 318 ms at 980 px on the H200). And loop-carried tensors of 64-bit K/V
+    # pointers made hd 128 (the LLM prefill) spill 192 bytes per thread at 255 registers; scalar tile
+    # pointers plus int32 offsets take 177 and no stack. Every 16-bit configuration loads its tiles as
+    # 16-byte vectors through cp.async and spills nothing.
     for name in CONFIGS:
         if name.startswith("flash_attention") and "bfloat16" in name:
             fact = compiled[name]
-            assert fact["scalar_16bit_loads"] == 0, f"{name}: {fact['scalar_16bit_loads']} 2-byte loads"
+            assert fact["scalar_16bit_loads"] == 0, (
+                f"{name}: {fact['scalar_16bit_loads']} 2-byte loads"
+            )
             assert fact["async_copies"], f"{name}: no cp.async"
+            assert fact["stack_bytes"] == 0, (
+                f"{name}: {fact['stack_bytes']} bytes of stack (spills)"
+            )
 
 
 def test_decode_attention_on_hopper(compiled: dict[str, dict]) -> None:

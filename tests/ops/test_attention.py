@@ -217,13 +217,16 @@ def test_triton_matches_reference(mode, dtype):
 @pytest.mark.parametrize(
     "dim, heads, kv_heads, dtype, mode",
     [
-        (72, 8, 1, torch.bfloat16, "block9"),  # ViT head dim (padded to 128), GQA 8
-        (112, 4, 4, torch.float32, "causal"),  # padded, MHA
+        (72, 8, 1, torch.bfloat16, "block9"),  # ViT head dim (64 + 16 columns), GQA 8
+        (96, 2, 1, torch.float32, "bidirectional"),  # 64 + 32 columns, nothing padded
+        (40, 2, 2, torch.float16, "causal"),  # 32 + 16 columns
+        (112, 4, 4, torch.float32, "causal"),  # padded to 128, MHA
         (128, 4, 1, torch.float16, "block9"),  # GQA 4
         (64, 2, 2, torch.bfloat16, "causal"),
     ],
 )
 def test_triton_head_dims_and_gqa(dim, heads, kv_heads, dtype, mode):
+    """Head dims of one power-of-two column block (padded or not) and of two (head_dim_blocks)."""
     q, k, v, cu = packed([7, 0, 70], heads, kv_heads, dim, dtype=dtype, seed=dim)
     kwargs = mode_kwargs(mode, [7, 0, 70])
     got = ops.attention(q, k, v, cu_seqlens=cu, backend="triton", **kwargs)
@@ -330,6 +333,16 @@ def test_launcher_fills_poisoned_outputs_of_strided_inputs(width):
         )
         want = naive(q, k, v, cu, mask="causal" if causal else "bidirectional", scale=0.25)
         assert_matches(out, want, torch.float32)
+
+
+def test_head_dims_split_into_column_blocks_only_when_that_saves_work():
+    from kelix_fast.triton_kernels import flash_attention as kernels
+
+    split = {d: kernels.head_dim_blocks(d) for d in (16, 40, 64, 72, 96, 112, 128, 200, 256)}
+    assert split == {
+        16: (16, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 96: (64, 32),
+        112: (128, 0), 128: (128, 0), 200: (256, 0), 256: (256, 0),
+    }  # fmt: skip
 
 
 def test_stride_alignment_is_the_vector_width_every_stride_shares():
