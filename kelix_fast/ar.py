@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kelix_fast import presets
+from kelix_fast.arguments import check_bool, check_callable, check_int, describe
 from kelix_fast.config import KelixARConfig
 from kelix_fast.hub import resolve_pretrained
 from kelix_fast.models.kelix_ar import CHECKPOINT_RENAMES, DEAD_TENSORS, KelixARModel
@@ -385,10 +386,7 @@ class KelixAR:
         Returns the text prompts [L_b] int64 on the engine's device and the image grids (None without
         images), for :meth:`layout_requests`.
         """
-        if isinstance(max_new_blocks, bool) or not isinstance(max_new_blocks, int):
-            raise TypeError(f"{blocks_arg} must be an int, got {type(max_new_blocks).__name__}")
-        if max_new_blocks < 1:
-            raise ValueError(f"{blocks_arg} must be >= 1, got {max_new_blocks}")
+        max_new_blocks = check_int(blocks_arg, max_new_blocks, minimum=1)
         prompts = requests.check_prompts(
             self.config, prompt_ids, arg=prompt_arg, device=self.device
         )
@@ -514,6 +512,10 @@ class KelixAR:
             prompt_arg=prompt_arg,
             blocks_arg=blocks_arg,
         )
+        check_bool("return_hidden_states", return_hidden_states)
+        check_callable("step_callback", step_callback)
+        if timings is not None and not isinstance(timings, dict):
+            raise TypeError(f"timings must be a dict or None, got {describe(timings)}")
         batch, longest = len(prompts), max(p.numel() for p in prompts)
         params = requests.per_request_params(
             batch, temperature=temperature, top_k=top_k, top_p=top_p

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from kelix_fast.ar import KelixAR
+from kelix_fast.arguments import check_bool
 from kelix_fast.runtime import engine_core, requests
 from kelix_fast.runtime.block_selection import host_bound_reason
 from kelix_fast.runtime.engine_core import EngineStats, RequestOutput, StepFailed
@@ -117,8 +118,7 @@ class Engine:
                 f"prompt_ids must be one [L] prompt, got shape {list(prompt_ids.shape)}"
             )
         scoring = self.ar.options.replace(scoring=scoring).scoring  # validated
-        if not isinstance(return_hidden_states, bool):
-            raise TypeError(f"return_hidden_states must be a bool, got {return_hidden_states!r}")
+        check_bool("return_hidden_states", return_hidden_states)
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str or None, got {type(request_id).__name__}")
         if request_id is not None and any(

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from kelix_fast import presets
 from kelix_fast.ar import KelixAR
+from kelix_fast.arguments import check_bool, check_callable, check_int, describe, is_int
 from kelix_fast.engine import Engine
 from kelix_fast.hub import resolve_pretrained
 from kelix_fast.models.dit import KelixDiT
@@ -56,15 +57,22 @@ class KelixPipelineOutput:
 
     Attributes:
         images: one PIL image (RGB) per prompt, in prompt order.
+        timings: the seconds this call spent per stage (``preprocess``, ``prefill``, ``decode``,
+            ``dit``, ``vae``).
     """
 
     images: list[Any]
+    timings: dict[str, float]
 
 
 class KelixPipeline:
     """Image understanding, text to image and image reconstruction with Kelix: the processor and
     :class:`KelixAR`, plus Kelix-DiT (text to image), Kelix-AEDIT (reconstruction) and the DC-AE VAE.
-    After each call, ``timings`` holds the seconds spent per stage."""
+
+    Every call times its stages in a record of its own: ``__call__`` returns it as the output's
+    ``timings``, the other methods fill the ``timings`` dict given to them. The ``timings`` attribute
+    is the record of the latest call started (with calls from several threads, not necessarily the
+    caller's: read the call's own record there)."""
 
     def __init__(
         self,
@@ -207,16 +215,24 @@ class KelixPipeline:
             if self._offload_device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _timer(self) -> StageTimer:
-        """A fresh per-call timing record (``self.timings``) and its timer."""
-        self.timings = {}
-        return StageTimer(self.timings, self.device)
+    def _timer(self, timings: dict[str, float] | None) -> StageTimer:
+        """The timer of one call, adding to ``timings`` (the caller's dict, or a new one): the call's
+        own record, which no other call writes to, also kept as :attr:`timings`."""
+        if timings is None:
+            timings = {}
+        elif not isinstance(timings, dict):
+            raise TypeError(f"timings must be a dict or None, got {describe(timings)}")
+        self.timings = timings
+        return StageTimer(timings, self.device)
 
     # ------------------------------------------------------------------ understanding
 
-    def tokenize_image(self, image: ImageInput) -> torch.Tensor:
-        """One image (PIL, uint8 array [H, W, 3], or path) -> its visual ids [n_tok, 8] int64."""
-        timer = self._timer()
+    def tokenize_image(
+        self, image: ImageInput, *, timings: dict[str, float] | None = None
+    ) -> torch.Tensor:
+        """One image (PIL, uint8 array [H, W, 3], or path) -> its visual ids [n_tok, 8] int64.
+        ``timings``: when given, receives the seconds spent per stage (``preprocess``, ``vit_vq``)."""
+        timer = self._timer(timings)
         pixel_values, grid = preprocess_image(image, self.processor.image_config)
         timer.lap("preprocess")
         with self._placed(self.ar):
@@ -237,6 +253,7 @@ class KelixPipeline:
         scoring: str | None = None,
         stream: bool = False,
         progress: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> str | Iterator[str]:
         """Answer a conversation: chat ``messages`` (``[{"role": ..., "content": str | parts}]``), or an
         ``(image, question)`` pair. Greedy by default; ``max_new_tokens`` counts blocks (text: one token
@@ -246,9 +263,10 @@ class KelixPipeline:
         deltas, one per generated block that adds text (a block ending inside a UTF-8 character waits
         for the next), run through :class:`~kelix_fast.Engine` block by block (the same output as
         without streaming; ``sampler="reference"`` cannot stream). Every argument is checked when
-        ``chat`` is called, also when streaming. ``progress`` shows a tqdm bar. ``timings``: without
-        streaming ``preprocess``, ``vit_vq``, ``prefill``, ``decode``, ``detokenize``; streaming,
-        ``preprocess`` and ``generate`` (everything after it, set when the iterator ends).
+        ``chat`` is called, also when streaming. ``progress`` shows a tqdm bar. ``timings``: when
+        given, receives the seconds spent per stage: without streaming ``preprocess``, ``vit_vq``,
+        ``prefill``, ``decode``, ``detokenize``; streaming, ``preprocess`` and ``generate``
+        (everything after it, set when the iterator ends).
         """
         if isinstance(messages, tuple):
             if len(messages) != 2 or not isinstance(messages[1], str):
@@ -256,14 +274,14 @@ class KelixPipeline:
             image, question = messages
             content = [{"type": "image", "image": image}, {"type": "text", "text": question}]
             messages = [{"role": "user", "content": content}]
-        if not isinstance(stream, bool):
-            raise TypeError(f"chat: stream must be a bool, got {type(stream).__name__}")
+        check_bool("chat: stream", stream)
+        check_bool("chat: progress", progress)
         sampler = self.ar.options.replace(sampler=sampler, scoring=scoring).sampler  # validated
         if stream and sampler == "reference":
             raise ValueError(
                 'chat: stream=True runs the engine block by block, which has no sampler="reference"'
             )
-        timer = self._timer()
+        timer = self._timer(timings)
         inputs = self.processor.prepare(messages)
         images = {}
         if inputs["image_grid_thw"].shape[0]:
@@ -287,7 +305,9 @@ class KelixPipeline:
         sampling = {"top_k": top_k, "top_p": top_p, "temperature": temperature, "seed": seed}
         if stream:
             prompt = inputs["prompt_ids"][0]
-            return self._stream_answer(prompt, images, max_new_tokens, sampling, scoring, progress)
+            return self._stream_answer(
+                prompt, images, max_new_tokens, sampling, scoring, progress, timer.timings
+            )
         with (
             self._placed(self.ar),
             tqdm(
@@ -299,12 +319,12 @@ class KelixPipeline:
                 max_new_tokens=max_new_tokens,
                 sampler=sampler,
                 scoring=scoring,
-                timings=self.timings,
+                timings=timer.timings,
                 step_callback=lambda _: bar.update(1),
                 **sampling,
                 **images,
             )
-        timer = StageTimer(self.timings, self.device)
+        timer = StageTimer(timer.timings, self.device)
         text = self._answer_text(out.new_groups()[0][:, 0].tolist())
         timer.lap("detokenize")
         return text
@@ -317,9 +337,11 @@ class KelixPipeline:
         sampling: Mapping[str, Any],
         scoring: str | None,
         progress: bool,
+        timings: dict[str, float],
     ) -> Iterator[str]:
-        """The text deltas of one checked request, generated one block per engine step."""
-        timer = StageTimer(self.timings, self.device)
+        """The text deltas of one checked request, generated one block per engine step; its stage is
+        lapped into ``timings`` (the ``chat`` call's record)."""
+        timer = StageTimer(timings, self.device)
         ids: list[int] = []
         shown = ""
         with (
@@ -394,7 +416,8 @@ class KelixPipeline:
             scoring, progress: as :meth:`generate_image`.
 
         Returns:
-            :class:`KelixPipelineOutput` with ``images``, one PIL image per prompt.
+            :class:`KelixPipelineOutput` with ``images``, one PIL image per prompt, and this call's
+            ``timings``.
         """
         op = "KelixPipeline"
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -406,17 +429,14 @@ class KelixPipeline:
             raise TypeError(
                 f"{op}: prompt must be a str or a non-empty list of str, got {prompt!r:.100}"
             )
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError(
-                f"{op}: callback_on_step_end must be callable, got "
-                f"{type(callback_on_step_end).__name__}"
-            )
+        check_callable(f"{op}: callback_on_step_end", callback_on_step_end)
         if height is not None and width is not None and height != width:
             raise ValueError(
                 f"{op}: height and width must be equal (Kelix-DiT renders square images), got "
                 f"{height} x {width}"
             )
         size = next((s for s in (height, width) if s is not None), 1024)
+        timings: dict[str, float] = {}
         images = self._text_to_image(
             list(prompts),
             op=op,
@@ -436,8 +456,9 @@ class KelixPipeline:
             scoring=scoring,
             callback_on_step_end=callback_on_step_end,
             progress=progress,
+            timings=timings,
         )
-        return KelixPipelineOutput(images=images)
+        return KelixPipelineOutput(images=images, timings=timings)
 
     def generate_image(
         self,
@@ -453,6 +474,7 @@ class KelixPipeline:
         scoring: str | None = None,
         output_path: str | os.PathLike[str] | None = None,
         progress: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> Any:
         """Text to image, as the official demo: greedy NBP generation of the image blocks, the
         ``<|vision_start|>..<|vision_end|>`` hidden states as the condition, FlowMatch Euler sampling of
@@ -470,13 +492,14 @@ class KelixPipeline:
             output_path: also save the image there (the file's folder must exist and be writable;
                 checked before any model runs).
             progress: show tqdm bars for the image blocks and the DiT steps.
+            timings: when given, receives the seconds spent per stage (``preprocess``, ``prefill``,
+                ``decode``, ``dit``, ``vae``).
 
         Returns:
             a PIL image (RGB, ``size x size``).
         """
         if not isinstance(prompt, str) and not (
-            isinstance(prompt, Sequence)
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+            isinstance(prompt, Sequence) and all(is_int(t) for t in prompt)
         ):
             raise TypeError(
                 f"generate_image: prompt must be a str or a list of token ids, got {prompt!r:.100}"
@@ -498,6 +521,7 @@ class KelixPipeline:
             scoring=scoring,
             callback_on_step_end=None,
             progress=progress,
+            timings=timings,
         )
         if output is not None:
             image.save(output)
@@ -519,20 +543,22 @@ class KelixPipeline:
         scoring: str | None,
         callback_on_step_end: StepEndCallback | None,
         progress: bool,
+        timings: dict[str, float] | None,
     ) -> list[Any]:
         """Prompts -> PIL images, one batch through each model: every argument is checked first, then
-        the AR model, the DiT and the VAE run in turn."""
+        the AR model, the DiT and the VAE run in turn, each stage lapped into ``timings``."""
         if self.dit is None or self.vae is None:
             raise ValueError(f"{op}: this pipeline has no DiT/VAE (pass dit_path and vae_path)")
         llm = self.ar.config.llm
-        timer = self._timer()
-        length = (
+        timer = self._timer(timings)
+        length = check_int(
+            f"{op}: max_condition_length",
             self.dit.config.model_max_length
             if max_condition_length is None
-            else max_condition_length
+            else max_condition_length,
+            minimum=1,
         )
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"{op}: max_condition_length must be an int >= 1, got {length!r}")
+        check_bool(f"{op}: progress", progress)
         check_sampling(
             self.dit,
             batch=len(prompts),
@@ -568,10 +594,10 @@ class KelixPipeline:
                 max_new_blocks=blocks,
                 scoring=scoring,
                 return_hidden_states=True,
-                timings=self.timings,
+                timings=timer.timings,
                 step_callback=lambda _: bar.update(1),
             )
-        timer = StageTimer(self.timings, self.device)
+        timer = StageTimer(timer.timings, self.device)
         conditions = [
             extract_condition(
                 out.groups[b, :n],
@@ -649,6 +675,7 @@ class KelixPipeline:
         max_pixels: int = 324 * 28 * 28,
         output_path: str | os.PathLike[str] | None = None,
         progress: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> Any:
         """Image -> Kelix-Tok codes -> fused code features -> Kelix-AEDIT -> DC-AE (kelix-dit.md §1.2, §6).
 
@@ -659,7 +686,8 @@ class KelixPipeline:
         real token grid; an image with more tokens than AEDIT's ``model_max_length`` is conditioned on
         all of them (see :meth:`KelixDiT.null_condition`). Whether AEDIT has a connector,
         cross-attention RoPE or x-norm is read from its checkpoint, and the run's choices are logged.
-        ``output_path``: also save the image there (checked before any model runs).
+        ``output_path``: also save the image there (checked before any model runs). ``timings``: when
+        given, receives the seconds spent per stage (``preprocess``, ``vit_vq``, ``dit``, ``vae``).
 
         Returns:
             a PIL image (RGB, ``size x size``).
@@ -671,8 +699,8 @@ class KelixPipeline:
             raise ValueError(f"{op}: fusion must be 'sum' or 'mean', got {fusion!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"{op}: schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-            raise ValueError(f"{op}: max_pixels must be an int >= 1, got {max_pixels!r}")
+        check_int(f"{op}: max_pixels", max_pixels, minimum=1)
+        check_bool(f"{op}: progress", progress)
         check_sampling(
             self.aedit,
             batch=1,
@@ -684,7 +712,7 @@ class KelixPipeline:
             names={"image_size": "size"},
         )
         output = None if output_path is None else _writable_image_path(output_path, op)
-        timer = self._timer()
+        timer = self._timer(timings)
         pixel_values, grid = preprocess_image(
             image, self.processor.image_config, fetch_max_pixels=max_pixels
         )

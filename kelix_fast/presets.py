@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from kelix_fast.arguments import check_seed
 from kelix_fast.config import (
     BlockDecoderConfig,
     KelixARConfig,
@@ -151,7 +152,8 @@ def random_weights(config: KelixARConfig, seed: int = 0) -> dict[str, torch.Tens
 def _random_tensors(layout: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
     """One tensor per key, each from its own generator seeded by ``sha256(f"{seed}|{key}")`` (values do not
     depend on construction order): norm weights 1 + 0.1 N, biases 0.05 N, lookup tables N(0, 1), other
-    matrices N(0, 1/fan_in)."""
+    matrices N(0, 1/fan_in). ``seed`` in [0, 2^63), like every generator seed of kelix_fast."""
+    seed = check_seed("seed", seed)
     weights = {}
     for key, shape in layout.items():
         digest = hashlib.sha256(f"{seed}|{key}".encode()).digest()
@@ -270,7 +272,9 @@ TINY_VAE_CONFIG = {
 
 
 def tiny_vae(seed: int = 0, *, device=None, dtype=None):
-    """A tiny diffusers ``AutoencoderDC`` (:data:`TINY_VAE_CONFIG`), randomly initialised from ``seed``."""
+    """A tiny diffusers ``AutoencoderDC`` (:data:`TINY_VAE_CONFIG`), randomly initialised from ``seed``
+    (in [0, 2^63): torch would take a negative seed as 2^64 + seed)."""
+    seed = check_seed("seed", seed)
     from diffusers import AutoencoderDC
 
     device, dtype = engine_placement(device, dtype, owner="tiny_vae")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from kelix_fast.arguments import check_bool, check_int, is_int
 from kelix_fast.hub import resolve_pretrained
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def image_to_patches(
             f"image must be uint8 of shape [H, W, 3], got {image.dtype} {list(image.shape)}"
         )
     height, width = image.shape[:2]
-    step = 2 * patch_size
+    step = 2 * check_int("image_to_patches: patch_size", patch_size, minimum=1)
     if height == 0 or width == 0 or height % step or width % step:
         raise ValueError(
             f"image sides must be positive multiples of {step}, got {height} x {width}"
@@ -143,8 +144,13 @@ def smart_resize(
     ``min_pixels`` scale up by beta = sqrt(min_pixels / (h*w)) and ceil to multiples; finally each
     side is at least ``factor``.
 
-    Raises: ValueError for a side < 1 or an aspect ratio above 200.
+    Raises: ValueError for a side < 1, an aspect ratio above 200 or bounds that are not ints
+    ``1 <= min_pixels <= max_pixels`` (TypeError for a non-integer).
     """
+    factor = check_int("smart_resize: factor", factor, minimum=1)
+    min_pixels, max_pixels = check_pixel_bounds("smart_resize", min_pixels, max_pixels)
+    if not (is_int(height) and is_int(width)):
+        raise TypeError(f"smart_resize: height and width must be ints, got {height!r} x {width!r}")
     if height < 1 or width < 1:
         raise ValueError(f"smart_resize: height and width must be >= 1, got {height} x {width}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
@@ -164,6 +170,24 @@ def smart_resize(
         w_bar = math.ceil(width * beta / factor) * factor
     # The downscale can floor a very thin side to 0.
     return max(h_bar, factor), max(w_bar, factor)
+
+
+def check_pixel_bounds(
+    op: str,
+    min_pixels: object,
+    max_pixels: object,
+    names: tuple[str, str] = ("min_pixels", "max_pixels"),
+) -> tuple[int, int]:
+    """An image-area range: ints with ``1 <= min_pixels <= max_pixels`` -> the pair. ``names``: the
+    caller's names of the two (``fetch_min_pixels``, ...). A zero ``max_pixels`` would divide by zero
+    in :func:`smart_resize`, and an empty range resizes to a size outside it."""
+    low, high = (
+        check_int(f"{op}: {name}", value, minimum=1)
+        for name, value in zip(names, (min_pixels, max_pixels))
+    )
+    if low > high:
+        raise ValueError(f"{op}: {names[0]} must be <= {names[1]}, got {low} > {high}")
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -192,18 +216,11 @@ class ImageProcessorConfig:
                 f"ImageProcessorConfig: merge_size must be 2 (the projector merges 2x2 patches), "
                 f"got {self.merge_size}"
             )
-        for name in ("patch_size", "min_pixels", "max_pixels", "fetch_min_pixels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"ImageProcessorConfig: {name} must be a positive int, got {value!r}"
-                )
-        for low, high in (("min_pixels", "max_pixels"), ("fetch_min_pixels", "fetch_max_pixels")):
-            if getattr(self, low) > getattr(self, high):
-                raise ValueError(
-                    f"ImageProcessorConfig: {low} must be <= {high}, "
-                    f"got {getattr(self, low)} > {getattr(self, high)}"
-                )
+        check_int("ImageProcessorConfig: patch_size", self.patch_size, minimum=1)
+        for names in (("min_pixels", "max_pixels"), ("fetch_min_pixels", "fetch_max_pixels")):
+            check_pixel_bounds(
+                "ImageProcessorConfig", *(getattr(self, name) for name in names), names=names
+            )
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ValueError(
                 f"ImageProcessorConfig: image_mean and image_std must hold 3 values, std > 0, "
@@ -391,12 +408,23 @@ def preprocess_image(
         fetch_min_pixels, fetch_max_pixels: per-image step-1 bounds (a message's ``min_pixels`` and
             ``max_pixels`` keys); default ``config.fetch_min_pixels`` / ``config.fetch_max_pixels``.
     """
+    if not isinstance(config, ImageProcessorConfig):
+        raise TypeError(
+            f"preprocess_image: config must be an ImageProcessorConfig, got {type(config).__name__}"
+        )
+    fetch_min, fetch_max = check_pixel_bounds(
+        "preprocess_image",
+        config.fetch_min_pixels if fetch_min_pixels is None else fetch_min_pixels,
+        config.fetch_max_pixels if fetch_max_pixels is None else fetch_max_pixels,
+        names=("fetch_min_pixels", "fetch_max_pixels"),
+    )
     pil = load_image(image)
-    fetch_bounds = {
-        "min_pixels": config.fetch_min_pixels if fetch_min_pixels is None else fetch_min_pixels,
-        "max_pixels": config.fetch_max_pixels if fetch_max_pixels is None else fetch_max_pixels,
-    }
-    pil = _resize(pil, *smart_resize(pil.height, pil.width, factor=config.factor, **fetch_bounds))
+    pil = _resize(
+        pil,
+        *smart_resize(
+            pil.height, pil.width, factor=config.factor, min_pixels=fetch_min, max_pixels=fetch_max
+        ),
+    )
     pil = _resize(
         pil,
         *smart_resize(
@@ -844,7 +872,9 @@ class KelixProcessor:
     ) -> None:
         self.tokenizer = tokenizer
         self.image_config = image_config
-        self.allow_special_tokens = bool(allow_special_tokens)
+        self.allow_special_tokens = check_bool(
+            "KelixProcessor: allow_special_tokens", allow_special_tokens
+        )
 
     @classmethod
     def from_pretrained(
@@ -891,6 +921,9 @@ class KelixProcessor:
         As transformers' processors: ``tokenize=True`` runs the processor on the messages (images
         included) and returns its ``input_ids`` [1, L] int64, or every output with ``return_dict=True``.
         """
+        check_bool("apply_chat_template: tokenize", tokenize)
+        check_bool("apply_chat_template: return_dict", return_dict)
+        check_bool("apply_chat_template: add_generation_prompt", add_generation_prompt)
         if not tokenize:
             if return_dict:
                 raise ValueError("apply_chat_template: return_dict=True needs tokenize=True")
@@ -925,8 +958,12 @@ class KelixProcessor:
         Returns: ``prompt_ids`` [1, L] int64 (placeholders expanded), ``pixel_values``
             [Np, 3, p, p] float32 (Np = sum of t*h*w, [0, 3, p, p] without images) and
             ``image_grid_thw`` [n, 3] int64.
-        Raises: ValueError/TypeError on bad messages, images, or a placeholder/image count mismatch.
+        Raises: ValueError/TypeError on bad messages, images, flags, pixel bounds, or a
+            placeholder/image count mismatch.
         """
+        check_bool("prepare: add_generation_prompt", add_generation_prompt)
+        if allow_special_tokens is not None:
+            check_bool("prepare: allow_special_tokens", allow_special_tokens)
         if (messages is None) == (text is None):
             raise ValueError(
                 "prepare: exactly one of messages and text must be given, got "
@@ -958,15 +995,21 @@ class KelixProcessor:
         else:
             parts = [{"image": image} for image in images]
             markers = {}
-        patch = self.image_config.patch_size
-        pixel_values = [torch.zeros(0, 3, patch, patch)]
+        config = self.image_config
+        # Every image part's bounds are checked before the first image is decoded.
+        bounds = [
+            check_pixel_bounds(
+                f"prepare: image part {i}",
+                part.get("min_pixels", config.fetch_min_pixels),
+                part.get("max_pixels", config.fetch_max_pixels),
+            )
+            for i, part in enumerate(parts)
+        ]
+        pixel_values = [torch.zeros(0, 3, config.patch_size, config.patch_size)]
         grids = [torch.zeros(0, 3, dtype=torch.int64)]
-        for part in parts:
+        for part, (low, high) in zip(parts, bounds):
             pixels, grid = preprocess_image(
-                part["image"],
-                self.image_config,
-                fetch_min_pixels=part.get("min_pixels"),
-                fetch_max_pixels=part.get("max_pixels"),
+                part["image"], config, fetch_min_pixels=low, fetch_max_pixels=high
             )
             pixel_values.append(pixels)
             grids.append(grid)
@@ -1031,7 +1074,7 @@ class KelixProcessor:
             raise ValueError(
                 f"{op}: truncation must be False (prompts are never cut), got {truncation!r}"
             )
-        if padding not in (True, False, "longest", "do_not_pad"):
+        if not (isinstance(padding, bool) or padding in ("longest", "do_not_pad")):
             raise ValueError(
                 f'{op}: padding must be True, False, "longest" or "do_not_pad", got {padding!r}'
             )

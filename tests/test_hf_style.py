@@ -198,8 +198,8 @@ def test_the_official_demo_chat_flow_runs_as_written(pipe, processor):
             ValueError,
             r"max_new_blocks \(or its transformers name max_new_tokens\) must be given",
         ),
-        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1, got 0"),
-        ({"max_new_tokens": 2.0}, TypeError, "max_new_tokens must be an int, got float"),
+        ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1, got 0"),
+        ({"max_new_tokens": 2.0}, TypeError, "max_new_tokens must be an int >= 1, got float"),
         (
             {"max_new_tokens": 10**6},
             ValueError,
@@ -390,10 +390,10 @@ def _forbid_models(pipe, monkeypatch):
         ("reconstruct", {"schedule": "cosine"}, ValueError, "schedule must be one of"),
         ("reconstruct", {"max_pixels": 0}, ValueError, "max_pixels must be an int >= 1"),
         ("reconstruct", {"output_path": "/nonexistent-dir/x.png"}, ValueError, "does not exist"),
-        ("chat", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
+        ("chat", {"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1"),
         ("chat", {"max_new_tokens": 10**6}, ValueError, r"max_new_tokens = 1000000 with a"),
         ("chat", {"top_p": 2.0}, ValueError, "top_p"),
-        ("chat", {"seed": -1}, ValueError, "seed must lie in"),
+        ("chat", {"seed": -1}, ValueError, r"seed must be an int in \[0, 2\^31\)"),
         ("chat", {"sampler": "greedy"}, ValueError, "sampler must be one of"),
         (
             "chat",

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "kelix_fast.config": FOUNDATION,
     "kelix_fast.weights": FOUNDATION,
     "kelix_fast.processor": FOUNDATION,
+    "kelix_fast.arguments": FOUNDATION,  # checks of scalar arguments, shared by every layer
     "kelix_fast.hub": FOUNDATION,  # huggingface_hub and the stdlib only
     "kelix_fast._native_build": FOUNDATION,  # stdlib only: setup.py loads it before kelix_fast exists
     "kelix_fast.models": MODELS,

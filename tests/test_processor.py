@@ -210,7 +210,7 @@ def test_bad_images_are_rejected(image, error, match):
     "fields, match",
     [
         ({"merge_size": 3}, "merge_size must be 2"),
-        ({"min_pixels": 0}, "min_pixels must be a positive int, got 0"),
+        ({"min_pixels": 0}, "min_pixels must be an int >= 1, got 0"),
         ({"min_pixels": 5000, "max_pixels": 4000}, "min_pixels must be <= max_pixels"),
         ({"image_std": (0.5, 0.0, 0.5)}, "std > 0"),
     ],

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from kelix_fast.arguments import check_bool, check_finite_number, check_int
+
 _VALUE_CHECKS = contextvars.ContextVar("kelix_fast_value_checks", default=True)
 
 
@@ -62,6 +64,32 @@ def shape(
         raise ValueError(
             f"{op}: {name} must have shape {want}{f' ({what})' if what else ''}, got {_shape(t)}"
         )
+
+
+def no_empty_dim(op: str, name: str, t: torch.Tensor, what: str) -> None:
+    """Every dim of ``t`` (named by ``what``) must be >= 1: an empty codebook or table has no nearest
+    code or row to give, and a kernel would return its offsets as if it had found one."""
+    if 0 in t.shape:
+        raise ValueError(f"{op}: {name} must have no empty dim ({what}), got shape {_shape(t)}")
+
+
+def number(
+    op: str, name: str, value: object, *, minimum: float | None = None, strict: bool = False
+) -> float:
+    """A scalar argument such as ``eps``, ``scale`` or ``temperature``: a finite real number, not a
+    bool, ``>= minimum`` (``> minimum`` if ``strict``) -> float. TypeError for a non-number."""
+    return check_finite_number(f"{op}: {name}", value, minimum=minimum, strict=strict)
+
+
+def non_negative_int(op: str, name: str, value: object) -> int:
+    """A scalar id, offset or count (``vocab_offset``, ``q_eos``, ``top_k``): an int >= 0, not a bool
+    -> int. TypeError for a non-integer."""
+    return check_int(f"{op}: {name}", value, minimum=0)
+
+
+def flag(op: str, name: str, value: object) -> bool:
+    """A boolean argument (``causal``): True or False only. TypeError otherwise."""
+    return check_bool(f"{op}: {name}", value)
 
 
 def dtype(op: str, name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:

@@ -41,7 +41,9 @@ def codebook_argmin(
         codebooks: [G, K, d]. Precomputed at load as ``LN_q(E_g[slice] W_g^T + b_g)``.
         codebook_sqnorms: [G, K] float32 or None. ``|C_g[k]|^2``, used by ``mode="exact"`` (computed here
             when None).
-        vocab_offset: id of code 0 of sub-codebook 0 in the LLM vocabulary (the text vocab size).
+        vocab_offset: int >= 0, id of code 0 of sub-codebook 0 in the LLM vocabulary (the text
+            vocab size).
+        eps: finite, >= 0.
         mode: ``"reference"`` reproduces the official distance arithmetic in the dtype of ``codebooks``
             (``cdist(u, C)**2`` through ``[-2u, |u|^2, 1] @ [c, 1, |c|^2]^T``, clamp, sqrt, square; in bf16
             this is the release's behaviour, near-ties included). ``"exact"`` is the float32 nearest
@@ -57,10 +59,12 @@ def codebook_argmin(
         ids: [n, G] int64 global vocabulary ids.
 
     Raises:
-        ValueError: bad shapes, dtypes, devices or ``mode``. BackendUnavailableError: backend cannot run.
+        ValueError: bad shapes (an empty G, K or d included), dtypes, devices, ``mode`` or scalars
+            (TypeError for a scalar of the wrong type). BackendUnavailableError: backend cannot run.
     """
     _checks.tensor(_OP, "codebooks", codebooks)
     _checks.shape(_OP, "codebooks", codebooks, (None, None, None), "G, K, d")
+    _checks.no_empty_dim(_OP, "codebooks", codebooks, "G, K, d")
     num_groups, num_codes, dim = codebooks.shape
     _checks.shape(_OP, "z", z, (None, num_groups * dim), f"n, G*d = {num_groups}*{dim}")
     _checks.dtype(_OP, "z", z, _FLOAT_DTYPES)
@@ -74,6 +78,8 @@ def codebook_argmin(
         _checks.same_device(_OP, z=z, codebook_sqnorms=codebook_sqnorms)
     if mode not in MODES:
         raise ValueError(f"{_OP}: mode must be one of {list(MODES)}, got {mode!r}")
+    vocab_offset = _checks.non_negative_int(_OP, "vocab_offset", vocab_offset)
+    eps = _checks.number(_OP, "eps", eps, minimum=0)
     if mode == "reference":
         _checks.same_dtype(_OP, codebooks=codebooks, z=z)
     _checks.same_dtype(_OP, z=z, ln_weight=ln_weight, ln_bias=ln_bias)

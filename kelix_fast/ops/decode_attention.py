@@ -38,8 +38,8 @@ def cached_attention(
     Args:
         q: [B, Lq, H, d]; k_cache, v_cache: [B, S, Hkv, d], same dtype and device; H % Hkv == 0.
         q_start: [B] int64 >= 0, position of query row 0. kv_lens: [B] int64 in [1, S].
-        causal: mask keys after each query row's position.
-        scale: softmax scale, default ``d ** -0.5``.
+        causal: mask keys after each query row's position (a bool).
+        scale: softmax scale, a finite number; default ``d ** -0.5``.
         backend: ``"auto" | "triton" | "torch"``. See :func:`kelix_fast.ops.resolve_backend`; ``"auto"``
             picks triton for CUDA tensors it supports (contiguous last dims, d <= 256), else torch.
             triton on CPU tensors runs only when asked for by name under Triton's interpreter.
@@ -58,8 +58,9 @@ def cached_attention(
     _checks.ids_in_range(op, "kv_lens", kv_lens, 1, k_cache.shape[1] + 1)
     if _checks.values_checked() and q_start.numel() and bool((q_start < 0).any()):
         raise ValueError(f"{op}: q_start must be >= 0, got {int(q_start.min())}")
+    _checks.flag(op, "causal", causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else _checks.number(op, "scale", scale)
     out = torch.empty_like(q)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = _dispatch.pick(op, _IMPLS, backend, q, k_cache, v_cache)
     impl.run(q, k_cache, v_cache, q_start, kv_lens, causal, scale, out)
     return out

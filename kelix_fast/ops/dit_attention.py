@@ -43,7 +43,7 @@ def linear_attention(
     Args:
         q, k, v: [B, N, H, d], same float dtype (float32/bfloat16/float16) and device. The layout of a
             ``[B, N, H*d]`` projection viewed per head (channel ``c`` is head ``c // d``); any strides.
-        eps: added to the denominator (1e-8 in the DiT, 1e-15 in the DC-AE).
+        eps: added to the denominator, finite, > 0 (1e-8 in the DiT, 1e-15 in the DC-AE).
         backend: ``"auto" | "triton" | "torch"``. ``"auto"`` picks triton for CUDA tensors with
             d <= 128, else torch; triton on CPU tensors runs only when asked for by name under
             Triton's interpreter. See :func:`kelix_fast.ops.resolve_backend`.
@@ -59,10 +59,9 @@ def linear_attention(
     _checks.dtype(_LINEAR_OP, "q", q, _FLOAT_DTYPES)
     _checks.same_dtype(_LINEAR_OP, q=q, k=k, v=v)
     _checks.same_device(_LINEAR_OP, q=q, k=k, v=v)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{_LINEAR_OP}: eps must be a positive number, got {eps!r}")
+    eps = _checks.number(_LINEAR_OP, "eps", eps, minimum=0, strict=True)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _dispatch.pick(_LINEAR_OP, _LINEAR_IMPLS, backend, q, k, v).run(q, k, v, float(eps), out)
+    _dispatch.pick(_LINEAR_OP, _LINEAR_IMPLS, backend, q, k, v).run(q, k, v, eps, out)
     return out
 
 
@@ -121,7 +120,7 @@ def cross_attention(
     Args:
         q: [B, Lq, H, d]; k, v: [B, Lk, H, d]; same float dtype (float32/bfloat16/float16) and device.
         key_mask: [B, Lk] bool, True = valid key (padding rows of the condition are False).
-        scale: softmax scale, default ``d ** -0.5``.
+        scale: softmax scale, a finite number; default ``d ** -0.5``.
         backend: ``"auto" | "triton" | "torch"``. ``"auto"`` picks triton for CUDA tensors with
             d <= 128, else torch; triton on CPU tensors runs only when asked for by name under
             Triton's interpreter. See :func:`kelix_fast.ops.resolve_backend`. triton reads no key
@@ -145,8 +144,8 @@ def cross_attention(
     _checks.same_device(_CROSS_OP, q=q, k=k, v=v, key_mask=key_mask)
     if k.shape[1] == 0:
         raise ValueError(f"{_CROSS_OP}: k must hold at least one key, got shape {list(k.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else _checks.number(_CROSS_OP, "scale", scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     _dispatch.pick(_CROSS_OP, _CROSS_IMPLS, backend, q, k, v, key_mask).run(
         q, k, v, key_mask, scale, out
     )

@@ -21,8 +21,8 @@ def block_embed(
 
     Args:
         ids: [B, L, G+1] int64 (G+1 = 9), ids in [0, V).
-        table: [V, D] float, the embedding table (``tok_embeddings.embed_tokens``).
-        q_eos: the end-of-block id. text_vocab: first visual id.
+        table: [V, D] float, V, D >= 1, the embedding table (``tok_embeddings.embed_tokens``).
+        q_eos: the end-of-block id. text_vocab: first visual id. Both ints >= 0.
         backend: ``"auto" | "cuda" | "triton" | "torch"``. ``"auto"`` picks cuda (kelix_fast._C built),
             then triton, for CUDA tensors, and torch otherwise; triton on CPU tensors runs only when
             asked for by name, under Triton's interpreter (a test path). Both sum the slots left to
@@ -34,6 +34,7 @@ def block_embed(
     _checks.tensor(_OP, "ids", ids)
     _checks.tensor(_OP, "table", table)
     _checks.shape(_OP, "table", table, (None, None), "V, D")
+    _checks.no_empty_dim(_OP, "table", table, "V, D")
     _checks.shape(_OP, "ids", ids, (None, None, None), "B, L, G+1")
     _checks.dtype(_OP, "ids", ids, (torch.int64,))
     if ids.shape[-1] < 2:
@@ -41,6 +42,8 @@ def block_embed(
             f"{_OP}: ids must have at least 2 slots per group, got shape {list(ids.shape)}"
         )
     _checks.same_device(_OP, ids=ids, table=table)
+    q_eos = _checks.non_negative_int(_OP, "q_eos", q_eos)
+    text_vocab = _checks.non_negative_int(_OP, "text_vocab", text_vocab)
     _checks.ids_in_range(_OP, "ids", ids, 0, table.shape[0])
     out = torch.empty(*ids.shape[:2], table.shape[1], dtype=table.dtype, device=table.device)
     _dispatch.pick(_OP, _IMPLS, backend, ids, table).run(ids, table, out, q_eos, text_vocab)

@@ -38,7 +38,7 @@ def rms_norm(
     Args:
         x: [..., D] float32/bfloat16/float16; with RoPE [..., H, D] (H heads sharing a position).
         weight: [D], dtype of ``x``.
-        eps: added to the mean square, >= 0.
+        eps: added to the mean square, finite, >= 0.
         rope_cos, rope_sin: None, or both [..., D/2] float32 with x's leading dims (without H).
         backend: ``"auto" | "triton" | "torch"``.
 
@@ -53,8 +53,7 @@ def rms_norm(
     _checks.shape(_OP, "weight", weight, (dim,), "D")
     _checks.same_dtype(_OP, x=x, weight=weight)
     _checks.same_device(_OP, x=x, weight=weight)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{_OP}: eps must be a number >= 0, got {eps!r}")
+    eps = _checks.number(_OP, "eps", eps, minimum=0)
     if (rope_cos is None) != (rope_sin is None):
         raise ValueError(f"{_OP}: rope_cos and rope_sin must be given together")
     if rope_cos is not None:
@@ -69,7 +68,7 @@ def rms_norm(
             _checks.same_device(_OP, x=x, **{name: t})
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     impl = _dispatch.pick(_OP, _IMPLS, backend, x, weight)
-    impl.run(x, weight, float(eps), rope_cos, rope_sin, out)
+    impl.run(x, weight, eps, rope_cos, rope_sin, out)
     return out
 
 

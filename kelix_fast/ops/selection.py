@@ -57,7 +57,7 @@ def head_select(
 
     Args:
         y: [M, D] float32/bfloat16/float16, last dim contiguous, row stride free. Block Decoder outputs.
-        norm_weight: [D], dtype of ``y``. The final RMSNorm weight, epsilon ``eps``.
+        norm_weight: [D], dtype of ``y``. The final RMSNorm weight, epsilon ``eps`` (finite, >= 0).
         head: [V, D], dtype of ``y``, last dim contiguous. The output head (``model.model.output``).
         temperature: finite, >= 0 (0: no scaling, and not greedy).
         top_k: >= 0; 1 is greedy, 0 or >= V disables the top-k filter.
@@ -101,13 +101,10 @@ def head_select(
             raise ValueError(
                 f"{_OP}: {name} must have a contiguous last dim, got strides {tuple(t.stride())}"
             )
-    _check_number("eps", eps, low=0.0)
-    _check_number("temperature", temperature, low=0.0)
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"{_OP}: top_k must be an int, got {type(top_k).__name__}")
-    if top_k < 0:
-        raise ValueError(f"{_OP}: top_k must be >= 0 (0 disables it), got {top_k}")
-    _check_number("top_p", top_p)
+    eps = _checks.number(_OP, "eps", eps, minimum=0)
+    temperature = _checks.number(_OP, "temperature", temperature, minimum=0)
+    top_k = _checks.non_negative_int(_OP, "top_k", top_k)
+    top_p = _checks.number(_OP, "top_p", top_p)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"{_OP}: top_p must lie in (0, 1], got {top_p}")
     if top_k != 1 and seeds is None:
@@ -121,15 +118,8 @@ def head_select(
 
     ids = torch.empty(n_rows, dtype=torch.int64, device=y.device)
     impl = _dispatch.pick(_OP, _request_impls(vocab, top_k, top_p), backend, y, head)
-    impl.run(y, norm_weight, head, allowed, seeds, ids, eps, float(temperature), top_k, top_p)
+    impl.run(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_k, top_p)
     return ids
-
-
-def _check_number(name: str, value: object, *, low: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{_OP}: {name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or (low is not None and value < low):
-        raise ValueError(f"{_OP}: {name} must be a finite number >= {low}, got {value}")
 
 
 def _check_allowed(allowed: torch.Tensor, y: torch.Tensor, vocab: int) -> None:

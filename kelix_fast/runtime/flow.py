@@ -11,8 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from kelix_fast.arguments import check_finite_number, check_int, check_seed, is_int
 from kelix_fast.models.dit import DiTCondition, KelixDiT, dit_position_args
-from kelix_fast.runtime.requests import check_finite, check_finite_number
+from kelix_fast.runtime.requests import check_finite
 
 SCHEDULES = ("linspace", "default")
 
@@ -29,8 +30,7 @@ def flow_schedule(
     value of 1/1000, then shifted *again* in float64 (a diffusers quirk) and cast to float32.
     The model truncates the timesteps to integers (874.99994 -> 874), as the official one does.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"flow_schedule: steps must be an int >= 1, got {steps!r}")
+    steps = check_int("flow_schedule: steps", steps, minimum=1)
     check_finite_number("flow_schedule: shift", shift, minimum=0, strict=True)
     if schedule not in SCHEDULES:
         raise ValueError(
@@ -78,15 +78,9 @@ def check_sampling(
     def name(arg: str) -> str:
         return f"{op}: {names.get(arg, arg)}"
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{name('steps')} must be an int >= 1, got {steps!r}")
+    check_int(name("steps"), steps, minimum=1)
     rate = dit.config.vae_downsample_rate
-    if (
-        isinstance(image_size, bool)
-        or not isinstance(image_size, int)
-        or image_size < rate
-        or image_size % rate
-    ):
+    if not is_int(image_size) or image_size < rate or image_size % rate:
         raise ValueError(
             f"{name('image_size')} must be a positive multiple of {rate}, got {image_size!r}"
         )
@@ -113,18 +107,7 @@ def check_sampling(
     if seed is not None and generator is not None:
         raise ValueError(f"{name('seed')} and {names.get('generator', 'generator')}: give one")
     if seed is not None:
-        # One seed s stands for the seeds s .. s + B - 1 (see initial_noise); all must fit a generator.
-        seeds = [seed, seed + batch - 1] if _is_seed(seed) else seed
-        ok = (
-            isinstance(seeds, Sequence)
-            and (_is_seed(seed) or len(seeds) == batch)
-            and all(_is_seed(s) and 0 <= s < 2**63 for s in seeds)
-        )
-        if not ok:
-            raise ValueError(
-                f"{name('seed')} must be an int in [0, 2^63 - {batch}] or a list of {batch} ints "
-                f"in [0, 2^63) (one per image), got {seed!r}"
-            )
+        noise_seeds(seed, batch, name=name("seed"))
     if generator is not None:
         generators = [generator] if isinstance(generator, torch.Generator) else generator
         if (
@@ -137,6 +120,21 @@ def check_sampling(
                 f"image), got {generator!r:.100}"
             )
     return shape
+
+
+def noise_seeds(seed: object, batch: int, *, name: str = "seed") -> list[int]:
+    """The initial-noise seed of each of ``batch`` images: one int s stands for s .. s + batch - 1
+    (image b gets s + b, so image 0 is what s gives alone), a list gives one per image; each a
+    generator seed in [0, 2^63). Raises TypeError/ValueError naming ``name``."""
+    if is_int(seed) or not isinstance(seed, Sequence) or isinstance(seed, str):
+        first = check_seed(name, seed, count=batch)
+        return [first + b for b in range(batch)]
+    if len(seed) != batch:
+        raise ValueError(
+            f"{name} must be an int (image b gets seed + b) or a list of {batch} ints (one per "
+            f"image), got {seed!r:.100}"
+        )
+    return [check_seed(f"{name}[{b}]", s) for b, s in enumerate(seed)]
 
 
 def initial_noise(
@@ -156,7 +154,7 @@ def initial_noise(
     * neither: torch's global RNG.
     """
     if seed is not None:
-        seeds = [seed + b for b in range(shape[0])] if isinstance(seed, int) else list(seed)
+        seeds = noise_seeds(seed, shape[0])
         return torch.stack(
             [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
         )
@@ -287,10 +285,6 @@ def sample_latents(
                 check_finite("sample_latents: the latents returned by callback", replaced)
                 latents = replaced.to(device=dit.device, dtype=dit.dtype)
     return latents
-
-
-def _is_seed(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _describe(value: object) -> str:

@@ -5,12 +5,13 @@ compute. Each raises ``ValueError``/``TypeError`` naming the caller's argument a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from kelix_fast.arguments import check_seed, describe, is_int
 from kelix_fast.config import KelixARConfig
 from kelix_fast.runtime.block_selection import SEED_BITS
 from kelix_fast.runtime.sampling import SamplingParams
@@ -31,26 +32,6 @@ def check_finite(name: str, value: torch.Tensor) -> None:
             f"{name} must hold only finite values, got {nan} NaN and {inf} infinite of "
             f"{value.numel()}"
         )
-
-
-def check_finite_number(
-    name: str, value: object, *, minimum: float | None = None, strict: bool = False
-) -> float:
-    """A finite real number (not a bool) -> float; else ValueError naming ``name``.
-
-    ``minimum``: the smallest allowed value (``strict``: excluded). Used for scalar sampling
-    arguments such as ``guidance_scale`` and ``shift``.
-    """
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-        and (minimum is None or (value > minimum if strict else value >= minimum))
-    )
-    if not ok:
-        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
-    return float(value)
 
 
 def check_images(
@@ -111,7 +92,7 @@ def check_prompts(
             raise ValueError(f"{arg} must have shape [B, L], got {list(prompt_ids.shape)}")
         rows = list(prompt_ids)
     elif isinstance(prompt_ids, Sequence) and not isinstance(prompt_ids, (str, bytes)):
-        rows = [torch.as_tensor(r) for r in prompt_ids]
+        rows = [_prompt_row(config, r, arg=f"{arg}[{b}]") for b, r in enumerate(prompt_ids)]
     else:
         raise TypeError(
             f"{arg} must be a [B, L] int64 tensor or a list of id lists, got {type(prompt_ids).__name__}"
@@ -130,9 +111,7 @@ def check_prompts(
         bad = (row < 0) | (row >= llm.vocab_size)
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
-            raise ValueError(
-                f"{arg}[{b}] must hold text ids in [0, {llm.vocab_size}), got {int(row[i])} at position {i}"
-            )
+            raise _not_text_id(config, f"{arg}[{b}]", int(row[i]), i)
         if row.numel() > llm.max_seq_len:
             raise ValueError(
                 f"{arg}[{b}] has {row.numel()} tokens, longer than the model's maximum context "
@@ -140,6 +119,29 @@ def check_prompts(
             )
         out.append(row.to(device=device, dtype=torch.int64))
     return out
+
+
+def _prompt_row(config: KelixARConfig, row: object, *, arg: str) -> torch.Tensor:
+    """One prompt of a list -> a tensor: a tensor or numpy array as it is (:func:`check_prompts`
+    checks its dtype), a sequence of ints as int64. A float, str, None, bool or nested list among
+    the ids raises TypeError naming its position: torch would round a float, take a bool as 0/1 and
+    fail on the others with a message about tensors."""
+    if isinstance(row, (torch.Tensor, np.ndarray)):
+        return torch.as_tensor(row)
+    if not isinstance(row, Sequence) or isinstance(row, (str, bytes)):
+        raise TypeError(f"{arg} must be a sequence of int token ids, got {describe(row)}")
+    for i, token in enumerate(row):
+        if not is_int(token):
+            raise TypeError(f"{arg} must hold int token ids, got {describe(token)} at position {i}")
+        if not 0 <= token < config.llm.vocab_size:  # before int64 could overflow
+            raise _not_text_id(config, arg, int(token), i)
+    return torch.tensor([int(t) for t in row], dtype=torch.int64)
+
+
+def _not_text_id(config: KelixARConfig, arg: str, value: int, position: int) -> ValueError:
+    return ValueError(
+        f"{arg} must hold text ids in [0, {config.llm.vocab_size}), got {value} at position {position}"
+    )
 
 
 def aliased(name: str, value: Any, alias: str, alias_value: Any) -> tuple[Any, str]:
@@ -283,20 +285,17 @@ def per_request_params(batch: int, *, temperature, top_k, top_p) -> list[Samplin
     return [SamplingParams(t, k, p) for t, k, p in zip(temperatures, top_ks, top_ps)]
 
 
-def request_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
-    """Each request's seed in [0, 2^31); None draws them from torch's global RNG."""
+def request_seeds(seed: object, batch: int, *, name: str = "seed") -> list[int]:
+    """Each request's seed in [0, 2^31) (:data:`SEED_BITS`: a draw's seed packs it with its block and
+    slot); None draws them from torch's global RNG. ``seed``: None, one int for every request, or a
+    list of ``batch`` ints."""
     if seed is None:
         return torch.randint(2**SEED_BITS, (batch,)).tolist()
-    seeds = [seed] * batch if isinstance(seed, int) and not isinstance(seed, bool) else seed
-    if (
-        not isinstance(seeds, Sequence)
-        or len(seeds) != batch
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
+    if is_int(seed) or not isinstance(seed, Sequence) or isinstance(seed, str):
+        return [check_seed(name, seed, bits=SEED_BITS)] * batch
+    if len(seed) != batch:
         raise ValueError(
-            f"seed must be None, an int or a list of {batch} ints (one per request), got {seed!r}"
+            f"{name} must be None, an int or a list of {batch} ints (one per request), "
+            f"got {seed!r:.100}"
         )
-    bad = [s for s in seeds if not 0 <= s < 2**SEED_BITS]
-    if bad:
-        raise ValueError(f"seed must lie in [0, 2^{SEED_BITS}), got {bad[0]}")
-    return list(seeds)
+    return [check_seed(f"{name}[{b}]", s, bits=SEED_BITS) for b, s in enumerate(seed)]

@@ -82,7 +82,7 @@ def test_tokenize_images_rejects_bad_pixels_and_grids(tiny, pixels, grid, error,
         ([[]], r"prompt_ids\[0\] is empty"),
         ([], "at least one prompt"),
         (torch.zeros(3, dtype=torch.int64), r"prompt_ids must have shape \[B, L\]"),
-        ([[1.5, 2.0]], "must be a 1-D integer sequence"),
+        (torch.tensor([[1.5, 2.0]]), "must be a 1-D integer sequence"),
     ],
 )
 def test_generate_rejects_bad_prompt_ids(tiny, prompt, match):
@@ -105,7 +105,7 @@ def test_generate_rejects_a_prompt_longer_than_the_context(tiny):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"max_new_blocks": 0}, ValueError, "max_new_blocks must be >= 1, got 0"),
+        ({"max_new_blocks": 0}, ValueError, "max_new_blocks must be an int >= 1, got 0"),
         ({"max_new_blocks": 2.0}, TypeError, "max_new_blocks must be an int"),
         ({"max_new_blocks": 1, "top_p": 0.0}, ValueError, r"top_p must lie in \(0, 1\], got 0.0"),
         ({"max_new_blocks": 1, "top_p": 1.5}, ValueError, r"top_p must lie in \(0, 1\], got 1.5"),
@@ -122,8 +122,12 @@ def test_generate_rejects_a_prompt_longer_than_the_context(tiny):
             ValueError,
             "seed must be None, an int or a list of 1 ints",
         ),
-        ({"max_new_blocks": 1, "seed": -1}, ValueError, r"seed must lie in \[0, 2\^31\), got -1"),
-        ({"max_new_blocks": 1, "seed": 2**31}, ValueError, r"seed must lie in \[0, 2\^31\)"),
+        (
+            {"max_new_blocks": 1, "seed": -1},
+            ValueError,
+            r"seed must be an int in \[0, 2\^31\), got -1",
+        ),
+        ({"max_new_blocks": 1, "seed": 2**31}, ValueError, r"seed must be an int in \[0, 2\^31\)"),
         (
             {"max_new_blocks": 1, "top_k": [1, 2]},
             ValueError,

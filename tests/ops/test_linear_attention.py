@@ -173,7 +173,7 @@ def test_auto_picks_triton_only_for_cuda_tensors():
         (
             lambda q, k, v: ops.linear_attention(q, k, v, eps=0.0),
             ValueError,
-            r"eps must be a positive number, got 0.0",
+            r"eps must be a finite number > 0, got 0.0",
         ),
         (
             lambda q, k, v: ops.linear_attention(q.tolist(), k, v),

@@ -177,11 +177,11 @@ def test_step_with_nothing_queued_returns_nothing(tiny):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"max_new_blocks": 0}, ValueError, "max_new_blocks must be >= 1"),
+        ({"max_new_blocks": 0}, ValueError, "max_new_blocks must be an int >= 1"),
         ({"max_new_blocks": 30}, ValueError, "more than max_context = 32"),
         ({"max_new_blocks": 2, "top_p": 0.0}, ValueError, r"top_p must lie in \(0, 1\]"),
         ({"max_new_blocks": 2, "scoring": "fast"}, ValueError, "scoring must be one of"),
-        ({"max_new_blocks": 2, "seed": -1}, ValueError, r"seed must lie in \[0, 2\^31\)"),
+        ({"max_new_blocks": 2, "seed": -1}, ValueError, r"seed must be an int in \[0, 2\^31\)"),
         ({"max_new_blocks": 2, "request_id": 7}, TypeError, "request_id must be a str"),
         ({"max_new_blocks": 2, "return_hidden_states": 1}, TypeError, "return_hidden_states"),
         (

@@ -49,10 +49,11 @@ def test_schedule_matches_every_recorded_run(golden_dir):
 
 
 @pytest.mark.parametrize(
-    "steps, shift, schedule",
-    [(0, 3.0, "linspace"), (2.5, 3.0, "linspace"), (True, 3.0, "linspace"), (4, 0.0, "linspace"),
-     (4, 3.0, "karras")],
+    "steps, shift, schedule, error",
+    [(0, 3.0, "linspace", ValueError), (2.5, 3.0, "linspace", TypeError),
+     (True, 3.0, "linspace", TypeError), (4, 0.0, "linspace", ValueError),
+     (4, 3.0, "karras", ValueError)],
 )  # fmt: skip
-def test_bad_schedule_arguments(steps, shift, schedule):
-    with pytest.raises(ValueError, match="flow_schedule"):
+def test_bad_schedule_arguments(steps, shift, schedule, error):
+    with pytest.raises(error, match="flow_schedule"):
         flow_schedule(steps, shift, schedule=schedule)

@@ -79,7 +79,7 @@ def test_bad_input_raises_before_anything_is_queued(tiny):
     engine = AsyncEngine(Engine(tiny, max_batch=1, max_context=32))
 
     async def main():
-        with pytest.raises(ValueError, match="max_new_blocks must be >= 1"):
+        with pytest.raises(ValueError, match="max_new_blocks must be an int >= 1"):
             await engine.generate(PROMPTS[0], max_new_blocks=0).__anext__()
 
     asyncio.run(main())
