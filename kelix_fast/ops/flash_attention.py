@@ -124,10 +124,7 @@ def attention(
     max_seqlen = _check_max_seqlen(max_seqlen, cu_seqlens, tokens)
     if spec.block_ids is not None and _checks.values_checked():
         _check_block_ids_order(spec.block_ids, cu_seqlens)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{_OP}: scale must be a number, got {type(scale).__name__}")
+    scale = q.shape[-1] ** -0.5 if scale is None else _checks.number(_OP, "scale", scale)
     out = torch.empty_like(q)
     impl = _dispatch.pick(_OP, _ATTENTION_IMPLS, backend, q, k, v, cu_seqlens)
     impl.run(q, k, v, cu_seqlens, max_seqlen, spec, float(scale), out)

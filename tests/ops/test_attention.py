@@ -460,7 +460,9 @@ def _bad_calls():
         ),
         ({"max_seqlen": 7.0}, TypeError, r"max_seqlen must be an int or None"),
         ({"max_seqlen": -1}, ValueError, r"max_seqlen must be >= 0"),
-        ({"scale": "0.1"}, TypeError, r"scale must be a number"),
+        ({"scale": "0.1"}, TypeError, r"scale must be a finite number"),
+        ({"scale": float("nan")}, ValueError, r"scale must be a finite number, got nan"),
+        ({"scale": True}, TypeError, r"scale must be a finite number"),
         ({"backend": "cuda"}, BackendUnavailableError, r"backend 'cuda' unavailable"),
     ]
 
