@@ -7,6 +7,7 @@ process (``kelix_fast.triton_kernels.kernels_for``), so nothing here depends on 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from kelix_fast import weights
 torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The fuzz tests' hypothesis profiles, registered before hypothesis's plugin reads --hypothesis-profile
+# (tests/fuzz/profiles.py). hypothesis is a test-extra dependency: without it tests/fuzz skips.
+if importlib.util.find_spec("hypothesis") is not None:
+    from tests.fuzz.profiles import register_profiles
+
+    register_profiles()
 
 
 def golden_root() -> Path:

@@ -43,6 +43,18 @@ def values_checked() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def finite(op: str, name: str, t: torch.Tensor) -> None:
+    """Float data ``t`` must hold no NaN or infinity (a value check: one host read, skipped inside
+    :func:`trusted_values`). A NaN would otherwise come out as a valid-looking id, or fail deep
+    inside a backend (``torch.multinomial``) with a message that names nothing of the caller's."""
+    if values_checked() and t.numel() and not bool(torch.isfinite(t).all()):
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise ValueError(
+            f"{op}: {name} must hold only finite values, got {nan} NaN and {inf} infinite of "
+            f"{t.numel()}"
+        )
+
+
 def _shape(t: torch.Tensor) -> str:
     return f"[{', '.join(str(s) for s in t.shape)}]"
 

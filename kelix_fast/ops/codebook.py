@@ -72,6 +72,7 @@ def codebook_argmin(
     _checks.shape(_OP, "ln_weight", ln_weight, (num_groups, dim), "G, d")
     _checks.shape(_OP, "ln_bias", ln_bias, (num_groups, dim), "G, d")
     _checks.same_device(_OP, z=z, ln_weight=ln_weight, ln_bias=ln_bias, codebooks=codebooks)
+    _checks.finite(_OP, "z", z)
     if codebook_sqnorms is not None:
         _checks.shape(_OP, "codebook_sqnorms", codebook_sqnorms, (num_groups, num_codes), "G, K")
         _checks.dtype(_OP, "codebook_sqnorms", codebook_sqnorms, (torch.float32,))

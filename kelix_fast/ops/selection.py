@@ -93,6 +93,7 @@ def head_select(
     _checks.shape(_OP, "norm_weight", norm_weight, (dim,), "D")
     _checks.same_dtype(_OP, y=y, norm_weight=norm_weight, head=head)
     _checks.same_device(_OP, y=y, norm_weight=norm_weight, head=head)
+    _checks.finite(_OP, "y", y)
     vocab = head.shape[0]
     if not 0 < vocab <= _MAX_VOCAB:
         raise ValueError(f"{_OP}: head must have 1 to {_MAX_VOCAB} rows, got {vocab}")

@@ -42,12 +42,13 @@ def test_cpu_smoke_runs_every_stage_but_the_build(tmp_path, capsys):
     record = json.loads((out / goals.PASS_RECORD).read_text())
     assert [(s["name"], s["status"]) for s in record["stages"]] == [
         ("tests", "ok"),
+        ("soak", "ok"),
         ("pipeline", "ok"),
         ("generation", "ok"),
         ("kernels", "ok"),
     ]
     assert record["stages"][0]["detail"].startswith(f"{len(passes.SMOKE_TESTS)} passed, 0 failed")
-    for name in ("SUMMARY.md", "tests.junit.xml", "tests.txt", "tests.log"):
+    for name in ("SUMMARY.md", "tests.junit.xml", "tests.txt", "tests.log", "soak.json"):
         assert (out / name).is_file(), name
     for suite in passes.SUITE_STAGES:
         report = json.loads((out / f"{suite}.json").read_text())

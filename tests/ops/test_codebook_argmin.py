@@ -107,6 +107,10 @@ def test_empty_input_gives_empty_ids():
     "change, match",
     [
         (
+            {"z": torch.full((3, 128), float("inf"))},
+            "z must hold only finite values, got 0 NaN and 384 infinite",
+        ),
+        (
             {"z": torch.zeros(3, 100)},
             r"codebook_argmin: z must have shape \[\*, 128\] \(n, G\*d = 8\*16\), got \[3, 100\]",
         ),

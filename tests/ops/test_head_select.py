@@ -178,6 +178,10 @@ def test_empty_input_gives_empty_ids():
         ({"y": torch.zeros(16, 3).T}, r"\[3, 16\]|contiguous last dim"),
         ({"head": torch.zeros(16, 10).T}, "head must have a contiguous last dim"),
         ({"y": torch.zeros(3, 16, device="meta")}, "must be on the device of y"),
+        (
+            {"y": torch.zeros(3, 16).index_fill_(1, torch.tensor([2]), math.nan)},
+            "y must hold only finite values, got 3 NaN",
+        ),
         ({"temperature": -1.0}, "temperature must be a finite number >= 0, got -1.0"),
         ({"temperature": math.nan}, "temperature must be a finite number"),
         ({"top_k": -1}, "top_k must be an int >= 0, got -1"),
