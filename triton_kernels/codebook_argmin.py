@@ -32,12 +32,33 @@ _MIN_DOT_DIM = 16
 
 
 @triton.jit
+def _rounded_cdist(x, dtype: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """The official ``cdist(u, c) ** 2`` from its rounded GEMM output ``x`` (float32 holding ``dtype``
+    values): clamp at 1e-30, sqrt, square, each rounded to ``dtype``. Non-decreasing in ``x``."""
+    x = round_to(tl.maximum(x, 1e-30), dtype, BF16_BY_BITS)
+    x = round_to(tl.sqrt_rn(x), dtype, BF16_BY_BITS)
+    return round_to(x * x, dtype, BF16_BY_BITS)
+
+
+@triton.jit
+def _next_up(x, dtype: tl.constexpr):
+    """The next ``dtype`` value above ``x`` (float32 holding a positive finite ``dtype`` value)."""
+    if dtype == tl.float32:
+        return (x.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+    elif dtype == tl.bfloat16:
+        # A bf16 value is the high half of its float32 bits: one bf16 ulp is 1 << 16 there.
+        return (x.to(tl.int32, bitcast=True) + 65536).to(tl.float32, bitcast=True)
+    else:
+        return (x.to(dtype).to(tl.int16, bitcast=True) + 1).to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _codebook_argmin_kernel(
     z_ptr,  # [n_rows, G*DIM], row stride stride_z_row, last dim contiguous
     ln_w_ptr,  # [G, DIM]
     ln_b_ptr,  # [G, DIM]
     cb_ptr,  # [G, num_codes, DIM]
-    sqnorms_ptr,  # [G, num_codes] float32 (EXACT only)
+    sqnorms_ptr,  # [G, num_codes]: float32 |c|^2 (EXACT), else the input dtype's rounded sum of squares
     ids_ptr,  # [n_rows, G] int64, output
     n_rows,
     num_codes,
@@ -111,29 +132,36 @@ def _codebook_argmin_kernel(
             mask=dim_mask[:, None] & code_mask[None, :],
             other=0.0,
         )
+        c_sqnorm = tl.load(
+            sqnorms_ptr + group * stride_sqnorms_group + codes * stride_sqnorms_code,
+            mask=code_mask,
+            other=0.0,
+        ).to(tl.float32)
+        # Ties: the lowest code inside the tile, and a later tile wins only if strictly smaller.
         if EXACT:
             dot = tie_exact_dot(query, codes_t.to(tl.float32), UPCAST_DOT)
-            sqnorms = tl.load(
-                sqnorms_ptr + group * stride_sqnorms_group + codes * stride_sqnorms_code,
-                mask=code_mask,
-                other=0.0,
-            )
-            dist = sqnorms[None, :] - 2.0 * dot
+            dist = tl.where(code_mask[None, :], c_sqnorm[None, :] - 2.0 * dot, float("inf"))
+            tile_dist = tl.min(dist, axis=1)
+            last_tied = tile_dist  # the codes at the tile's minimum distance: dist <= last_tied
         else:
-            codes_f32 = codes_t.to(tl.float32)
-            c_sqnorm = tl.sum(round_to(codes_f32 * codes_f32, in_dtype, BF16_BY_BITS), axis=0)
-            c_sqnorm = round_to(c_sqnorm, in_dtype, BF16_BY_BITS)
             dot = tie_exact_dot(query, codes_t, UPCAST_DOT)
             # [-2u, |u|^2, 1] . [c, 1, |c|^2] accumulated in float32, rounded once to the input dtype.
             dist = round_to(dot + u_sqnorm[:, None] + c_sqnorm[None, :], in_dtype, BF16_BY_BITS)
-            dist = round_to(tl.maximum(dist, 1e-30), in_dtype, BF16_BY_BITS)
-            dist = round_to(tl.sqrt_rn(dist), in_dtype, BF16_BY_BITS)
-            dist = round_to(dist * dist, in_dtype, BF16_BY_BITS)
-        dist = tl.where(code_mask[None, :], dist, float("inf"))
-
-        # Ties: the lowest code inside the tile, and a later tile wins only if strictly smaller.
-        tile_dist = tl.min(dist, axis=1)
-        tile_code = tl.min(tl.where(dist == tile_dist[:, None], codes[None, :], num_codes), axis=1)
+            dist = tl.where(code_mask[None, :], dist, float("inf"))
+            # The official distance is rounded_cdist(dist): clamp, sqrt and square, each rounded, a
+            # non-decreasing map that merges neighbouring values (at most 3 consecutive ones of any
+            # 16-bit or float32 format). Its argmin with the first-index rule is the first code whose
+            # dist lies in the minimum's class [min, last_tied]: found per row from the tile minimum,
+            # so the per-code work is one rounding instead of four and a square root.
+            clamp = round_to(tl.full((BLOCK_N,), 1e-30, tl.float32), in_dtype, BF16_BY_BITS)
+            floor = tl.maximum(tl.min(dist, axis=1), clamp)
+            tile_dist = _rounded_cdist(floor, in_dtype, BF16_BY_BITS)
+            next_1 = _next_up(floor, in_dtype)
+            tied_1 = _rounded_cdist(next_1, in_dtype, BF16_BY_BITS) == tile_dist
+            next_2 = _next_up(next_1, in_dtype)
+            tied_2 = tied_1 & (_rounded_cdist(next_2, in_dtype, BF16_BY_BITS) == tile_dist)
+            last_tied = tl.where(tied_2, next_2, tl.where(tied_1, next_1, floor))
+        tile_code = tl.min(tl.where(dist <= last_tied[:, None], codes[None, :], num_codes), axis=1)
         better = tile_dist < best_dist
         best_code = tl.where(better, tile_code, best_code)
         best_dist = tl.where(better, tile_dist, best_dist)
@@ -174,9 +202,10 @@ def codebook_argmin(
     assert not exact or codebook_sqnorms is not None, "mode='exact' needs codebook_sqnorms"
     dot_dtype = torch.float32 if exact else z.dtype
     block_n, block_k, num_warps = _BLOCKS[dot_dtype]
-    sqnorms = (
-        codebook_sqnorms if exact else codebooks
-    )  # a placeholder pointer the kernel never reads
+    # Reference mode: |c|^2 as the official cdist computes it (squares and sum in the input dtype),
+    # once per call ([G, K], one pass over the codebooks) instead of once per code tile in every
+    # program; and by torch's own sum, as the op's reference does.
+    sqnorms = codebook_sqnorms if exact else codebooks.square().sum(-1)
     grid = (triton.cdiv(n_rows, block_n), num_groups)
     _codebook_argmin_kernel[grid](
         z,

@@ -267,6 +267,44 @@ def test_exact_duplicate_codes_give_the_first_index_on_every_backend(mode, dtype
     assert ids.cpu().tolist() == (first + 11 + codes * torch.arange(groups)).tolist()
 
 
+# A GEMM output that the official rounding merges with 4096 (exact in every format): bf16 rounds
+# sqrt(4128) = 64.25 to 64 (a tie, to even), fp16 rounds sqrt(4100) = 64.03 to 64; float32 merges neither.
+MERGED_WITH_4096 = {torch.bfloat16: (64, 4, 4), torch.float16: (64, 2), torch.float32: (64, 4, 4)}
+
+
+@pytest.mark.parametrize(("device", "backend"), BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_mode_merged_distances_take_the_first_index(dtype, device, backend):
+    """The official distance rounds the GEMM output, clamps, takes the root and squares, each rounded, so
+    distinct GEMM outputs can give one distance, and then the first code wins. Group 0 puts a merged
+    code (distance 4128 in bf16, 4100 in fp16) at index 100 and the strict minimum (4096) at 700, in
+    another tile; group 1 puts them at 10 and 20, in one tile. u = 0 (zero LayerNorm weight and bias)
+    and integer codes make every square, norm and sum exact in each format, so every backend sees these
+    GEMM outputs. The Triton kernel finds the merged class from the tile minimum (_rounded_cdist,
+    _next_up)."""
+    groups, codes, dim = 2, 1000, 16
+    gen = torch.Generator().manual_seed(5)
+    codebooks = torch.randint(30, 40, (groups, codes, dim), generator=gen).float()  # |c|^2 > 14,000
+    merged = torch.zeros(dim)
+    merged[: len(MERGED_WITH_4096[dtype])] = torch.tensor(MERGED_WITH_4096[dtype]).float()
+    minimum = torch.zeros(dim)
+    minimum[0] = 64.0  # distance 4096
+    for g, (first, second) in enumerate([(100, 700), (10, 20)]):
+        codebooks[g, first], codebooks[g, second] = merged, minimum
+    z = torch.randn(5, groups * dim, generator=gen)  # any values: u = 0 for every row
+    weight, bias = torch.zeros(groups, dim), torch.zeros(groups, dim)
+    z, weight, bias, codebooks = _on(device, dtype, z, weight, bias, codebooks)
+    ids = {
+        b: ops.codebook_argmin(
+            z, weight, bias, codebooks, vocab_offset=0, mode="reference", backend=b
+        ).cpu()
+        for b in ("torch", backend)
+    }
+    first = torch.tensor([700, 1020]) if dtype == torch.float32 else torch.tensor([100, 1010])
+    assert torch.equal(ids["torch"], first.expand(5, 2))  # the case means what it says
+    assert torch.equal(ids[backend], ids["torch"])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_near_ties_follow_the_float32_distance(device):
     """Copies of the nearest code moved by ~1e-3: far above float32 rounding, far below the code gaps."""
