@@ -267,6 +267,24 @@ def test_exact_duplicate_codes_give_the_first_index_on_every_backend(mode, dtype
     assert ids.cpu().tolist() == (first + 11 + codes * torch.arange(groups)).tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_official_rounding_merges_at_most_three_consecutive_values(dtype):
+    """The Triton kernel's reference mode checks the two values after a tile's minimum for members of
+    its class (codebook_argmin._rounded_cdist): true for every positive finite 16-bit value, clamped
+    ones included (float32 spaces its values more finely than its square roots too)."""
+    top = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}[dtype]  # the first non-finite bit pattern
+    values = torch.arange(1, top, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    clamped = values.clamp_min(1e-30).to(dtype).float()
+    official = clamped.sqrt().to(dtype).float().square().to(dtype).float()
+    assert bool((official[1:] >= official[:-1]).all())  # non-decreasing
+    starts = torch.nonzero(official[1:] != official[:-1]).flatten() + 1
+    runs = torch.diff(torch.cat([starts, torch.tensor([len(official)])]))
+    assert int(runs.max()) <= 3  # every class after the clamped one
+    clamp_class_top = int(starts[0]) - 1  # the last value in the class of the clamp
+    floor = int(torch.nonzero(values >= torch.tensor(1e-30).to(dtype).float())[0])
+    assert clamp_class_top - floor <= 2
+
+
 # A GEMM output that the official rounding merges with 4096 (exact in every format): bf16 rounds
 # sqrt(4128) = 64.25 to 64 (a tie, to even), fp16 rounds sqrt(4100) = 64.03 to 64; float32 merges neither.
 MERGED_WITH_4096 = {torch.bfloat16: (64, 4, 4), torch.float16: (64, 2), torch.float32: (64, 4, 4)}
