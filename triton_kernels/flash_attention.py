@@ -11,12 +11,16 @@ relative to the sequence start), optionally intersected with a per-key mask:
 
 * ``BIDIRECTIONAL``: ``key_end(i) = len``;
 * ``CAUSAL``: ``key_end(i) = i + 1``;
-* ``KEY_END``: ``key_end(i)`` read from a per-row table (block-causal: the end of ``i``'s block).
+* ``KEY_END``: ``key_end(i)`` read from a per-row table (block-causal: the end of ``i``'s block);
+* ``KEY_RANGE``: keys ``key_start(i) <= j < key_end(i)``, both from per-row tables: many short sequences
+  (the Block Decoder's 9-slot ones) run as one pack whose rows see only their own sequence, so that a
+  program covers 64 rows of several sequences instead of 9 rows of one (see ``PACK_MAX_SEQLEN``).
 
 ``key_end`` never decreases along a sequence, so for the tile of rows ``[m0, m1)`` the keys below
 ``key_end(m0)`` are visible to every row: the whole key tiles below it run without the structure mask
 (first loop), the tiles from there up to ``key_end(m1 - 1)`` run with it (second loop: the causal
-diagonal, the block edges, the sequence end), and the keys beyond are never read. Keys of another sequence are never read (every load is masked to the sequence).
+diagonal, the block edges, the sequence end), and the keys beyond are never read. Under ``KEY_RANGE``
+(``key_start`` non-decreasing too) every tile runs masked, from the tile holding ``key_start(m0)``. Keys of another sequence are never read (every load is masked to the sequence).
 
 A row whose keys are all excluded (only possible with a key mask without bias) has ``l = 0`` and
 outputs zeros. The grid is (query tiles of every sequence x heads), sized from ``max_seqlen`` without
@@ -38,6 +42,10 @@ from ._rounding import cast_rne, interpreted
 BIDIRECTIONAL = 0
 CAUSAL = 1
 KEY_END = 2
+KEY_RANGE = 3
+# Sequences up to this long, when there are several, run as one pack under KEY_RANGE: a 16-row tile per
+# sequence (the Block Decoder's 9 slots) would launch one tiny program per sequence and head.
+PACK_MAX_SEQLEN = 16
 # Key masks (the KEY_MASK constexpr): none, False keys excluded, False keys biased.
 _NO_KEY_MASK = 0
 _KEY_MASK_EXCLUDE = 1
@@ -70,6 +78,8 @@ _PADDED_128 = (64, 64, 4)
 # A 16-bit head dim split in two column blocks (ViT 72 -> 64 + 16): 80 columns, the 128-row tiles of
 # hd 64 over 8 warps. Not tuned on a GPU yet.
 _SPLIT_16BIT = (128, 64, 8)
+# A KEY_RANGE pack: a 64-row tile of short sequences sees at most 64 + 15 keys, 3 tiles of 32.
+_PACKED = {False: (64, 32, 4), True: (32, 32, 4)}
 # Under the interpreter every (program x loop iteration) costs milliseconds: few, wide tiles. BLOCK_M
 # differs from BLOCK_N so that the tests see tile edges that do not line up.
 INTERPRETER_BLOCKS = (64, 32)
@@ -154,10 +164,12 @@ def _attend_key_tile(
     key_mask_ptr,  # key 0 of the sequence (KEY_MASK only)
     n0,  # first key of the tile, relative to the sequence start
     seq_len,
+    row_start,  # [BLOCK_M] int32: row i sees keys j >= row_start[i] (RANGE only)
     row_end,  # [BLOCK_M] int32: row i sees keys j < row_end[i] (MASKED only)
     qk_scale,
     masked_bias,
     MASKED: tl.constexpr,  # apply row_end and the sequence end (the diagonal and last tiles)
+    RANGE: tl.constexpr,  # apply row_start too (MASK == KEY_RANGE; every tile is MASKED)
     KEY_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -196,7 +208,10 @@ def _attend_key_tile(
         else:
             scores = tl.where(keep[None, :], scores, scores + masked_bias)
     if MASKED:
-        scores = tl.where(keys[None, :] < row_end[:, None], scores, float("-inf"))
+        visible = keys[None, :] < row_end[:, None]
+        if RANGE:
+            visible = visible & (keys[None, :] >= row_start[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     # A row with no visible key so far keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
@@ -230,7 +245,8 @@ def _flash_attention_kernel(
     k_ptr,  # [T, Hkv, HEAD_DIM]
     v_ptr,  # [T, Hkv, HEAD_DIM]
     cu_seqlens_ptr,  # [num_seqs + 1] int32/int64
-    key_end_ptr,  # [T] int32, relative to the sequence start (MASK == KEY_END only)
+    key_end_ptr,  # [T] int32, relative to the sequence start (MASK == KEY_END or KEY_RANGE only)
+    key_start_ptr,  # [T] int32, relative to the sequence start (MASK == KEY_RANGE only)
     key_mask_ptr,  # [T] bool (KEY_MASK only)
     out_ptr,  # [T, H, HEAD_DIM], output
     num_seqs,
@@ -339,12 +355,23 @@ def _flash_attention_kernel(
         row_end = rows + 1
         first_end = m0 + 1
         tile_end = last_row + 1
-    else:  # KEY_END
+    else:  # KEY_END, KEY_RANGE
         key_end_seq = key_end_ptr + seq_start
         row_end = tl.load(key_end_seq + rows, mask=row_ok, other=0)
         first_end = tl.load(key_end_seq + m0)
         tile_end = tl.load(key_end_seq + last_row)
     full_end = (first_end // BLOCK_N) * BLOCK_N  # key tiles every row of the tile sees entirely
+    row_start = tl.zeros([BLOCK_M], tl.int32)
+    full_start = 0
+    if (
+        MASK == 3
+    ):  # KEY_RANGE: no key tile is seen whole; start at the tile of the first row's start
+        key_start_seq = key_start_ptr + seq_start
+        row_start = tl.load(key_start_seq + rows, mask=row_ok, other=0)
+        full_end = (tl.load(key_start_seq + m0) // BLOCK_N) * BLOCK_N
+        full_start = full_end  # the first loop runs no tile
+        k_tile += full_end.to(tl.int64) * stride_k_t
+        v_tile += full_end.to(tl.int64) * stride_v_t
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -353,19 +380,21 @@ def _flash_attention_kernel(
     # The second loop continues where the first stopped.
     k_step = BLOCK_N * stride_k_t
     v_step = BLOCK_N * stride_v_t
-    for n0 in range(0, full_end, BLOCK_N):
+    for n0 in range(full_start, full_end, BLOCK_N):
         acc, acc2, l_i, m_i = _attend_key_tile(
             acc, l_i, m_i, acc2, q, q2, k_tile, v_tile, k_offs, v_offs, k_dim_ok, v_dim_ok,
-            k2_offs, v2_offs, k2_dim_ok, v2_dim_ok, key_mask_seq, n0, seq_len, row_end, qk_scale,
-            masked_bias, False, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2, UPCAST_DOT, BF16_BY_BITS,
+            k2_offs, v2_offs, k2_dim_ok, v2_dim_ok, key_mask_seq, n0, seq_len, row_start, row_end,
+            qk_scale, masked_bias, False, False, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2, UPCAST_DOT,
+            BF16_BY_BITS,
         )  # fmt: skip
         k_tile += k_step
         v_tile += v_step
     for n0 in range(full_end, tile_end, BLOCK_N):
         acc, acc2, l_i, m_i = _attend_key_tile(
             acc, l_i, m_i, acc2, q, q2, k_tile, v_tile, k_offs, v_offs, k_dim_ok, v_dim_ok,
-            k2_offs, v2_offs, k2_dim_ok, v2_dim_ok, key_mask_seq, n0, seq_len, row_end, qk_scale,
-            masked_bias, True, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2, UPCAST_DOT, BF16_BY_BITS,
+            k2_offs, v2_offs, k2_dim_ok, v2_dim_ok, key_mask_seq, n0, seq_len, row_start, row_end,
+            qk_scale, masked_bias, True, MASK == 3, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2, UPCAST_DOT,
+            BF16_BY_BITS,
         )  # fmt: skip
         k_tile += k_step
         v_tile += v_step
@@ -384,6 +413,19 @@ def _flash_attention_kernel(
             cast_rne(acc2 / norm, out_dtype, BF16_BY_BITS),
             mask=row_ok[:, None] & dim2_ok[None, :],
         )
+
+
+def _pack_key_ranges(
+    cu_seqlens: torch.Tensor, tokens: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """key_start, key_end [T] int32 of a KEY_RANGE pack: token t of sequence s sees the keys from the
+    start of s up to itself (causal) or to the end of s. On the device, no host read."""
+    positions = torch.arange(tokens, device=cu_seqlens.device)
+    bounds = cu_seqlens.long()
+    seq = torch.searchsorted(bounds, positions, right=True) - 1  # empty sequences own no token
+    key_start = bounds[seq]
+    key_end = positions + 1 if causal else bounds[seq + 1]
+    return key_start.to(torch.int32), key_end.to(torch.int32)
 
 
 def flash_attention(
@@ -416,18 +458,24 @@ def flash_attention(
     assert head_dim <= MAX_HEAD_DIM, f"head dim {head_dim} > {MAX_HEAD_DIM}"
     interpreter = interpreted(_flash_attention_kernel)
     width, second = head_dim_blocks(head_dim)
-    block_m, block_n, num_warps = blocks(
-        q.dtype == torch.float32, head_dim, max_seqlen, interpreter
-    )
+    float32 = q.dtype == torch.float32
+    key_start = None
+    if key_end is not None:
+        mask = KEY_END
+    elif num_seqs > 1 and max_seqlen <= PACK_MAX_SEQLEN:
+        mask = KEY_RANGE
+        key_start, key_end = _pack_key_ranges(cu_seqlens, tokens, causal)
+        cu_seqlens, num_seqs, max_seqlen = cu_seqlens[[0, -1]], 1, tokens
+    else:
+        mask = CAUSAL if causal else BIDIRECTIONAL
+    if mask == KEY_RANGE and not interpreter:
+        block_m, block_n, num_warps = _PACKED[float32]
+    else:
+        block_m, block_n, num_warps = blocks(float32, head_dim, max_seqlen, interpreter)
     num_tiles = triton.cdiv(max_seqlen, block_m)
     programs = num_tiles * num_seqs * heads
     assert programs < 2**31, f"grid of {programs} programs"
     align = stride_alignment(q, k, v, out)
-
-    if key_end is not None:
-        mask = KEY_END
-    else:
-        mask = CAUSAL if causal else BIDIRECTIONAL
     if key_mask is None:
         key_mode = _NO_KEY_MASK
     else:
@@ -438,6 +486,7 @@ def flash_attention(
         v,
         cu_seqlens,
         cu_seqlens if key_end is None else key_end,  # placeholder pointer, never read
+        cu_seqlens if key_start is None else key_start,  # placeholder pointer, never read
         cu_seqlens if key_mask is None else key_mask,  # placeholder pointer, never read
         out,
         num_seqs,

@@ -92,17 +92,21 @@ def cross_attention_config(dtype):
             constexprs, num_warps)
 
 FLASH_MASKS = {"bidirectional": flash_attention.BIDIRECTIONAL, "causal": flash_attention.CAUSAL,
-               "block_causal": flash_attention.KEY_END}  # block-causal runs on per-row key ends
+               "block_causal": flash_attention.KEY_END,  # block-causal runs on per-row key ends
+               "packed": flash_attention.KEY_RANGE}  # many short sequences as one pack
 
 def flash_attention_config(dtype, head_dim, mask, key_mask=0, max_seqlen=4096):
     # LLM prefill: hd 128 (H 32 / Hkv 8); ViT: hd 72 as 64 + 16 columns; packed Block Decoder
     # sequences: max_seqlen 9 (16 x 16 tiles). key_mask 2 is the biased key mask (natural-unit scores).
     # The strides are those of q/k/v/out views [T, H, d] of [T, H * d] projections, divided by
     # STRIDE_ALIGN as the launcher passes them: hd 72 gives head strides that are not multiples of 16.
-    block_m, block_n, num_warps = flash_attention.blocks(dtype == "float32", head_dim, max_seqlen, False)
+    if mask == "packed":
+        block_m, block_n, num_warps = flash_attention._PACKED[dtype == "float32"]
+    else:
+        block_m, block_n, num_warps = flash_attention.blocks(dtype == "float32", head_dim, max_seqlen, False)
     width, second = flash_attention.head_dim_blocks(head_dim)
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "cu_seqlens_ptr": "int32",
-                "key_end_ptr": "int32", "key_mask_ptr": "bool", "out_ptr": dtype}
+                "key_end_ptr": "int32", "key_start_ptr": "int32", "key_mask_ptr": "bool", "out_ptr": dtype}
     align = 8 if dtype == "bfloat16" else 4
     heads = 16
     ints = {}
@@ -168,7 +172,9 @@ configs += [flash_attention_config(dtype, head_dim, mask) for dtype in ("bfloat1
             for head_dim in (72, 128) for mask in ("causal", "block_causal")]
 configs += [flash_attention_config("bfloat16", 72, "bidirectional"),
             flash_attention_config("bfloat16", 128, "causal", key_mask=2),
-            flash_attention_config("bfloat16", 128, "causal", max_seqlen=9)]
+            flash_attention_config("bfloat16", 128, "causal", max_seqlen=9),
+            flash_attention_config("bfloat16", 128, "packed"),
+            flash_attention_config("float32", 128, "packed")]
 configs += [decode_attention_config(dtype, shape) for dtype in ("bfloat16", "float32")
             for shape in DECODE_SHAPES]
 configs += [decode_attention_merge_config(dtype) for dtype in ("bfloat16", "float32")]
@@ -250,6 +256,8 @@ CONFIGS = [
     "flash_attention-bidirectional-bfloat16-hd72",
     "flash_attention-causal-keybias-bfloat16-hd128",
     "flash_attention-causal-bfloat16-hd128-short",
+    "flash_attention-packed-bfloat16-hd128",
+    "flash_attention-packed-float32-hd128",
     "decode_attention-decode-bfloat16",
     "decode_attention-prefill-bfloat16",
     "decode_attention-block_decoder-bfloat16",

@@ -301,16 +301,64 @@ def test_triton_other_tilings(monkeypatch, blocks):
         assert_matches(got, naive(q, k, v, cu, **kwargs), torch.float32)
 
 
-def test_triton_short_sequences_take_small_tiles():
-    """Packed Block Decoder sequences (kelix-ar.md §8 #5): 9-slot causal sequences, a short and an
-    empty one; max_seqlen 9 shrinks the tiles to 16 x 16."""
+def test_triton_one_short_sequence_takes_small_tiles():
+    """A single sequence of 9 rows: the tiles shrink to 16 x 16 instead of wasting 127 of 128 rows."""
     from kelix_fast.triton_kernels import flash_attention as kernels
 
     assert kernels.blocks(False, 128, 9, interpreter=False)[:2] == (16, 16)
-    lengths = [9] * 6 + [3, 0, 9]
-    q, k, v, cu = packed(lengths, 4, 4, 128, dtype=torch.bfloat16, seed=13)
+    q, k, v, cu = packed([9], 4, 4, 128, dtype=torch.bfloat16, seed=13)
     got = ops.attention(q, k, v, cu_seqlens=cu, mask="causal", backend="triton")
     assert_matches(got, naive(q, k, v, cu, mask="causal"), torch.bfloat16)
+
+
+def test_pack_key_ranges_follow_the_sequences():
+    """KEY_RANGE tables: each token sees from its sequence's start to itself (causal) or to its end;
+    empty sequences own no token."""
+    from kelix_fast.triton_kernels import flash_attention as kernels
+
+    cu = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32)
+    start, end = kernels._pack_key_ranges(cu, 6, causal=True)
+    assert start.tolist() == [0, 0, 2, 2, 2, 5] and end.tolist() == [1, 2, 3, 4, 5, 6]
+    start, end = kernels._pack_key_ranges(cu, 6, causal=False)
+    assert start.tolist() == [0, 0, 2, 2, 2, 5] and end.tolist() == [2, 2, 5, 5, 5, 6]
+    assert start.dtype == end.dtype == torch.int32
+
+
+# Packed Block Decoder sequences (kelix-ar.md §8 #5): many 9-slot sequences, with a single row, an empty
+# one, a short one and the longest packed length (16); 17 is not packed (one program per sequence).
+SHORT_PACKS = [[9] * 13 + [3, 0, 9, 1, 16] + [9] * 5, [17, 9, 9, 2]]
+
+
+@pytest.mark.parametrize("lengths", SHORT_PACKS, ids=["packed", "not-packed"])
+@pytest.mark.parametrize(
+    "dim, heads, kv_heads, dtype, mask",
+    [
+        (128, 4, 1, torch.bfloat16, "causal"),  # the Block Decoder: hd 128, GQA
+        (72, 2, 2, torch.float32, "bidirectional"),  # two column blocks
+        (16, 3, 1, torch.float16, "causal"),
+    ],
+)
+def test_triton_many_short_sequences(lengths, dim, heads, kv_heads, dtype, mask):
+    """Short sequences run as one KEY_RANGE pack (64-row tiles across sequences, key tiles of 32 whose
+    edges fall inside sequences under the interpreter); no row may see another sequence's keys (they are
+    random, so a leak changes the output) and every output row is written (NaN-poisoned)."""
+    q, k, v, cu = packed(lengths, heads, kv_heads, dim, dtype=dtype, seed=len(lengths) + dim)
+    got = ops.attention(q, k, v, cu_seqlens=cu, mask=mask, backend="triton")
+    assert not got.isnan().any()
+    assert_matches(got, naive(q, k, v, cu, mask=mask), dtype)
+
+
+@pytest.mark.parametrize("masked_bias", [None, -10000.0])
+def test_triton_short_sequences_with_a_key_mask(masked_bias):
+    lengths = SHORT_PACKS[0]
+    q, k, v, cu = packed(lengths, 2, 1, 32, seed=8)
+    tokens = sum(lengths)
+    key_mask = torch.rand(tokens, generator=torch.Generator().manual_seed(8)) > 0.3
+    key_mask[:9] = False  # the first sequence: every key masked
+    args = {"cu_seqlens": cu, "mask": "causal", "key_mask": key_mask, "masked_bias": masked_bias}
+    got = ops.attention(q, k, v, **args, backend="triton")
+    want = ops.attention(q, k, v, **args, backend="torch")
+    assert_matches(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("width", [16, 19])
