@@ -465,7 +465,9 @@ def flash_attention(
     elif num_seqs > 1 and max_seqlen <= PACK_MAX_SEQLEN:
         mask = KEY_RANGE
         key_start, key_end = _pack_key_ranges(cu_seqlens, tokens, causal)
-        cu_seqlens, num_seqs, max_seqlen = cu_seqlens[[0, -1]], 1, tokens
+        # One sequence, the whole pack (slices: no index tensor from the host, capture-safe).
+        cu_seqlens = torch.cat([cu_seqlens[:1], cu_seqlens[-1:]])
+        num_seqs, max_seqlen = 1, tokens
     else:
         mask = CAUSAL if causal else BIDIRECTIONAL
     if mask == KEY_RANGE and not interpreter:
