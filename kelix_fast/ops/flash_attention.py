@@ -142,6 +142,11 @@ def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pa
     _checks.dtype(op, "q", q, _FLOAT_DTYPES)
     _checks.same_dtype(op, q=q, k=k, v=v)
     _checks.same_device(op, q=q, k=k, v=v)
+    if min(q.shape[-2], k.shape[-2], q.shape[-1]) < 1:  # tokens may be 0 (an empty pack), heads not
+        raise ValueError(
+            f"{op}: q and k must have at least one head and one head dim (H, Hkv, d >= 1), got q "
+            f"{list(q.shape)} and k {list(k.shape)}"
+        )
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(
             f"{op}: the query heads ({q.shape[-2]}) must be a multiple of the KV heads ({k.shape[-2]})"

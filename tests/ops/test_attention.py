@@ -523,6 +523,25 @@ def test_bad_arguments_are_rejected(kwargs, error, match):
         ops.attention(q, k, v, **call)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(0, 1, 4), (2, 0, 4), (0, 0, 4), (2, 1, 0)])
+def test_empty_heads_or_head_dims_are_rejected(heads, kv_heads, dim, backend):
+    """Zero heads or a zero head dim (the fuzz test found a ZeroDivisionError in the reference)."""
+    q, k, v = (
+        torch.zeros(5, heads, dim),
+        torch.zeros(5, kv_heads, dim),
+        torch.zeros(5, kv_heads, dim),
+    )
+    match = r"at least one head and one head dim \(H, Hkv, d >= 1\)"
+    with pytest.raises(ValueError, match="^attention: q and k must have " + match):
+        ops.attention(q, k, v, cu_seqlens=torch.tensor([0, 5]), backend=backend)
+    lengths = torch.tensor([5])
+    with pytest.raises(ValueError, match="^cached_attention: q and k must have " + match):
+        ops.cached_attention(
+            q[None], k[None], v[None], q_start=lengths * 0, kv_lens=lengths, backend=backend
+        )
+
+
 def test_triton_rejects_head_dims_above_256():
     q, k, v, cu = packed([3], 1, 1, 264)
     with pytest.raises(BackendUnavailableError, match=r"head dims up to 256, got d=264"):
