@@ -34,11 +34,11 @@ def check_int(
 ) -> int:
     """An integer in ``[minimum, maximum]`` (either bound optional) -> a Python int."""
     if minimum is not None and maximum is not None:
-        expected = f"an int in [{minimum}, {maximum}]"
+        expected = f"an int in [{_bound(minimum)}, {_bound(maximum)}]"
     elif minimum is not None:
-        expected = f"an int >= {minimum}"
+        expected = f"an int >= {_bound(minimum)}"
     elif maximum is not None:
-        expected = f"an int <= {maximum}"
+        expected = f"an int <= {_bound(maximum)}"
     else:
         expected = "an int"
     if not is_int(value):
@@ -46,6 +46,13 @@ def check_int(
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return int(value)
+
+
+def _bound(value: int) -> str:
+    """A range bound for a message: 2^63 - 1 rather than 9223372036854775807."""
+    if value >= 2**31 and value & (value + 1) == 0:
+        return f"2^{value.bit_length()} - 1"
+    return str(value)
 
 
 def check_seed(name: str, value: object, *, bits: int = GENERATOR_SEED_BITS, count: int = 1) -> int:

@@ -93,10 +93,14 @@ def number(
     return check_finite_number(f"{op}: {name}", value, minimum=minimum, strict=strict)
 
 
-def non_negative_int(op: str, name: str, value: object) -> int:
-    """A scalar id, offset or count (``vocab_offset``, ``q_eos``, ``top_k``): an int >= 0, not a bool
-    -> int. TypeError for a non-integer."""
-    return check_int(f"{op}: {name}", value, minimum=0)
+INT64_MAX = 2**63 - 1
+
+
+def non_negative_int(op: str, name: str, value: object, *, maximum: int = INT64_MAX) -> int:
+    """A scalar id, offset or count (``vocab_offset``, ``q_eos``, ``top_k``): an int in
+    ``[0, maximum]``, not a bool -> int. TypeError for a non-integer. The default bound is int64's:
+    ids are compared with, and added to, int64 tensors (2^64 would overflow inside torch)."""
+    return check_int(f"{op}: {name}", value, minimum=0, maximum=maximum)
 
 
 def flag(op: str, name: str, value: object) -> bool:

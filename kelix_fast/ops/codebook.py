@@ -79,7 +79,10 @@ def codebook_argmin(
         _checks.same_device(_OP, z=z, codebook_sqnorms=codebook_sqnorms)
     if mode not in MODES:
         raise ValueError(f"{_OP}: mode must be one of {list(MODES)}, got {mode!r}")
-    vocab_offset = _checks.non_negative_int(_OP, "vocab_offset", vocab_offset)
+    # The largest id, vocab_offset + G*K - 1, must be an int64.
+    vocab_offset = _checks.non_negative_int(
+        _OP, "vocab_offset", vocab_offset, maximum=_checks.INT64_MAX - num_groups * num_codes + 1
+    )
     eps = _checks.number(_OP, "eps", eps, minimum=0)
     if mode == "reference":
         _checks.same_dtype(_OP, codebooks=codebooks, z=z)
