@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from kelix_fast.arguments import check_bool, check_int, is_int
+from kelix_fast.arguments import check_bool, check_int, describe, is_int
 from kelix_fast.hub import resolve_pretrained
 
 if TYPE_CHECKING:
@@ -1165,6 +1165,15 @@ class KelixProcessor:
             if ids.dim() != 1:
                 raise ValueError(f"decode: ids must be [T] or [T, G+1], got {list(ids.shape)}")
             ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"decode: ids must be a list of ints or a tensor, got {describe(ids)}")
+        check_bool("decode: skip_special_tokens", skip_special_tokens)
+        # Token ids are the tokenizer's u32 (out of that range they overflow inside it); ids past its
+        # vocabulary (the visual ids) are dropped below.
+        ids = [
+            check_int(f"decode: ids[{t}]", i, minimum=0, maximum=2**32 - 1)
+            for t, i in enumerate(ids)
+        ]
         known = [i for i in ids if self.tokenizer.backend.id_to_token(i) is not None]
         return self.tokenizer.decode(known, skip_special_tokens=skip_special_tokens)
 

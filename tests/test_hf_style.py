@@ -133,6 +133,15 @@ def test_decode_drops_ids_without_text(processor):
         processor.batch_decode(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"ids must be \[T\] or \[T, G\+1\]"):
         processor.decode(torch.zeros(1, 2, 3, dtype=torch.int64))
+    # Token ids are the tokenizer's u32 (the fuzz test found -1 overflowing inside it).
+    with pytest.raises(
+        ValueError, match=r"decode: ids\[1\] must be an int in \[0, 2\^32 - 1\], got -1"
+    ):
+        processor.decode([text_ids[0], -1])
+    with pytest.raises(TypeError, match=r"decode: ids\[0\] must be an int .*got float 1.5"):
+        processor.decode([1.5])
+    with pytest.raises(TypeError, match="decode: skip_special_tokens must be a bool"):
+        processor.decode(text_ids, skip_special_tokens=None)
 
 
 # --------------------------------------------------------------------------- generate(**outputs)

@@ -43,7 +43,7 @@ def codebook_argmin(
             when None).
         vocab_offset: int >= 0, id of code 0 of sub-codebook 0 in the LLM vocabulary (the text
             vocab size).
-        eps: finite, >= 0.
+        eps: finite, > 0 (the LayerNorm of a constant row divides by sqrt(eps)).
         mode: ``"reference"`` reproduces the official distance arithmetic in the dtype of ``codebooks``
             (``cdist(u, C)**2`` through ``[-2u, |u|^2, 1] @ [c, 1, |c|^2]^T``, clamp, sqrt, square; in bf16
             this is the release's behaviour, near-ties included). ``"exact"`` is the float32 nearest
@@ -83,7 +83,8 @@ def codebook_argmin(
     vocab_offset = _checks.non_negative_int(
         _OP, "vocab_offset", vocab_offset, maximum=_checks.INT64_MAX - num_groups * num_codes + 1
     )
-    eps = _checks.number(_OP, "eps", eps, minimum=0)
+    # > 0: LayerNorm divides by sqrt(var + eps), and a constant row has var = 0.
+    eps = _checks.number(_OP, "eps", eps, minimum=0, strict=True)
     if mode == "reference":
         _checks.same_dtype(_OP, codebooks=codebooks, z=z)
     _checks.same_dtype(_OP, z=z, ln_weight=ln_weight, ln_bias=ln_bias)

@@ -221,6 +221,9 @@ def _check_max_seqlen(max_seqlen: int | None, cu_seqlens: torch.Tensor, tokens: 
             )
         if max_seqlen < 0:
             raise ValueError(f"{_OP}: max_seqlen must be >= 0, got {max_seqlen}")
+        # An upper bound: no sequence is longer than the pack, and the grid is sized from it (a bound
+        # of 2^31 would launch that many idle programs).
+        max_seqlen = min(max_seqlen, tokens)
     if not _checks.values_checked():
         if max_seqlen is None:
             raise ValueError(

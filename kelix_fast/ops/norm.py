@@ -38,7 +38,7 @@ def rms_norm(
     Args:
         x: [..., D] float32/bfloat16/float16; with RoPE [..., H, D] (H heads sharing a position).
         weight: [D], dtype of ``x``.
-        eps: added to the mean square, finite, >= 0.
+        eps: added to the mean square, finite, > 0.
         rope_cos, rope_sin: None, or both [..., D/2] float32 with x's leading dims (without H).
         backend: ``"auto" | "triton" | "torch"``.
 
@@ -53,7 +53,8 @@ def rms_norm(
     _checks.shape(_OP, "weight", weight, (dim,), "D")
     _checks.same_dtype(_OP, x=x, weight=weight)
     _checks.same_device(_OP, x=x, weight=weight)
-    eps = _checks.number(_OP, "eps", eps, minimum=0)
+    # > 0: an all-zero row would divide 0 by 0 (NaN) with eps = 0.
+    eps = _checks.number(_OP, "eps", eps, minimum=0, strict=True)
     if (rope_cos is None) != (rope_sin is None):
         raise ValueError(f"{_OP}: rope_cos and rope_sin must be given together")
     if rope_cos is not None:

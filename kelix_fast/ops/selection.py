@@ -57,7 +57,7 @@ def head_select(
 
     Args:
         y: [M, D] float32/bfloat16/float16, last dim contiguous, row stride free. Block Decoder outputs.
-        norm_weight: [D], dtype of ``y``. The final RMSNorm weight, epsilon ``eps`` (finite, >= 0).
+        norm_weight: [D], dtype of ``y``. The final RMSNorm weight, epsilon ``eps`` (finite, > 0).
         head: [V, D], dtype of ``y``, last dim contiguous. The output head (``model.model.output``).
         temperature: finite, >= 0 (0: no scaling, and not greedy).
         top_k: >= 0; 1 is greedy, 0 or >= V disables the top-k filter.
@@ -94,6 +94,9 @@ def head_select(
     _checks.same_dtype(_OP, y=y, norm_weight=norm_weight, head=head)
     _checks.same_device(_OP, y=y, norm_weight=norm_weight, head=head)
     _checks.finite(_OP, "y", y)
+    _checks.finite(
+        _OP, "head", head
+    )  # a pass over the head: skipped in trusted_values (the engine)
     vocab = head.shape[0]
     if not 0 < vocab <= _MAX_VOCAB:
         raise ValueError(f"{_OP}: head must have 1 to {_MAX_VOCAB} rows, got {vocab}")
@@ -102,7 +105,8 @@ def head_select(
             raise ValueError(
                 f"{_OP}: {name} must have a contiguous last dim, got strides {tuple(t.stride())}"
             )
-    eps = _checks.number(_OP, "eps", eps, minimum=0)
+    # > 0: the final RMSNorm of an all-zero row would divide 0 by 0 (NaN) with eps = 0.
+    eps = _checks.number(_OP, "eps", eps, minimum=0, strict=True)
     temperature = _checks.number(_OP, "temperature", temperature, minimum=0)
     top_k = _checks.non_negative_int(_OP, "top_k", top_k)
     top_p = _checks.number(_OP, "top_p", top_p)
@@ -202,6 +206,11 @@ def _reference(y, norm_weight, head, allowed, seeds, ids, eps, temperature, top_
         return
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     probs = torch.softmax(filtered, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # finite inputs whose logits overflow float32
+        raise ValueError(
+            f"{_OP}: the logits of y and head overflow float32 ({int((~logits.isfinite()).sum())} "
+            "of them are not finite): there is no distribution to sample"
+        )
     for m, seed in enumerate(seeds.tolist()):
         generator = torch.Generator(device=y.device).manual_seed(_generator_seed(seed))
         ids[m] = torch.multinomial(probs[m], 1, generator=generator)[0]

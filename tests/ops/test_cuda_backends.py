@@ -20,7 +20,7 @@ from kelix_fast import ops
 from kelix_fast.ops import BackendUnavailableError, _cuda
 from kelix_fast.ops.codebook import official_sqdist
 from kelix_fast.ops.norm import rms_norm_reference
-from tests.ops.test_head_select import chi_square_p_value
+from tests.ops.test_head_select import EXACT_EPS, chi_square_p_value
 
 TEXT_VOCAB = 1000
 Q_EOS = 7
@@ -365,10 +365,10 @@ def test_head_select_cuda_backend_unavailable_on_cpu():
     with pytest.raises(
         BackendUnavailableError, match=r"^head_select: backend 'cuda' unavailable: "
     ):
-        ops.head_select(y, weight, head, eps=0.0, backend="cuda")
+        ops.head_select(y, weight, head, eps=EXACT_EPS, backend="cuda")
     assert ops.resolve_backend("head_select", "auto", y, head) == "torch"
-    want = ops.head_select(y, weight, head, eps=0.0, backend="torch")
-    assert torch.equal(ops.head_select(y, weight, head, eps=0.0), want)
+    want = ops.head_select(y, weight, head, eps=EXACT_EPS, backend="torch")
+    assert torch.equal(ops.head_select(y, weight, head, eps=EXACT_EPS), want)
 
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.9), (50, 0.5), (39, 1.0)])
@@ -377,7 +377,7 @@ def test_head_select_cuda_refuses_filtered_sampling(top_k, top_p):
     seeds = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(BackendUnavailableError, match=r"greedy \(top_k=1\) and full-row sampling"):
         ops.head_select(
-            y, weight, head, eps=0.0, top_k=top_k, top_p=top_p, seeds=seeds, backend="cuda"
+            y, weight, head, eps=EXACT_EPS, top_k=top_k, top_p=top_p, seeds=seeds, backend="cuda"
         )
 
 
@@ -387,7 +387,7 @@ def test_head_select_cuda_takes_greedy_and_full_row_requests(top_k):
     y, weight, head = _integer_head_inputs(2, 40, 16, torch.float32, seed=0, device="cpu")
     seeds = torch.zeros(2, dtype=torch.int64)
     with pytest.raises(BackendUnavailableError) as error:
-        ops.head_select(y, weight, head, eps=0.0, top_k=top_k, seeds=seeds, backend="cuda")
+        ops.head_select(y, weight, head, eps=EXACT_EPS, top_k=top_k, seeds=seeds, backend="cuda")
     assert "full-row sampling" not in str(error.value)
     assert _cuda.can_run_head_select(y, head) in str(error.value)
 
@@ -606,13 +606,13 @@ def test_head_select_cuda_greedy_exact_on_integer_logits(rows, vocab, dim, dtype
     a multiple of the 32-row tile; 33 rows make three row chunks; y is a strided view."""
     _head_select_extension()
     y, weight, head = _integer_head_inputs(rows, vocab, dim, dtype, seed=rows + vocab)
-    want = _cpu_reference(y, weight, head, eps=0.0)
+    want = _cpu_reference(y, weight, head, eps=EXACT_EPS)
     wide = torch.full((rows, dim + 8), float("nan"), dtype=dtype, device="cuda")
     wide[:, :dim] = y
     ids = torch.full((rows,), -1, dtype=torch.int64, device="cuda")
     _cuda.head_select(wide[:, :dim], weight, head, None, None, ids, 0.0, 1.0, 1, 1.0)
     assert torch.equal(ids, want)
-    assert torch.equal(ops.head_select(y, weight, head, eps=0.0, backend="cuda"), want)
+    assert torch.equal(ops.head_select(y, weight, head, eps=EXACT_EPS, backend="cuda"), want)
 
 
 @pytest.mark.gpu
@@ -637,9 +637,9 @@ def test_head_select_cuda_ties_take_the_first_index(copies, zeros, rows):
     else:
         head[list(copies)] = 2 * sign  # the unique largest logit, 2 * D
     y = y.expand(rows, -1)
-    want = _cpu_reference(y, weight, head, eps=0.0)
+    want = _cpu_reference(y, weight, head, eps=EXACT_EPS)
     assert want.tolist() == [min(copies)] * rows
-    assert torch.equal(ops.head_select(y, weight, head, eps=0.0, backend="cuda"), want)
+    assert torch.equal(ops.head_select(y, weight, head, eps=EXACT_EPS, backend="cuda"), want)
 
 
 def _ranges(rows, vocab, q_eos, seed, device="cuda"):
@@ -666,8 +666,8 @@ def test_head_select_cuda_greedy_ranges(rows, broadcast):
     allowed = _ranges(rows, vocab, q_eos, seed=rows)
     if broadcast:
         allowed = allowed[-1:].expand(rows, -1, -1)  # row stride 0
-    want = _cpu_reference(y, weight, head, eps=0.0, allowed=allowed)
-    got = ops.head_select(y, weight, head, eps=0.0, allowed=allowed, backend="cuda")
+    want = _cpu_reference(y, weight, head, eps=EXACT_EPS, allowed=allowed)
+    got = ops.head_select(y, weight, head, eps=EXACT_EPS, allowed=allowed, backend="cuda")
     assert torch.equal(got, want)
     if not broadcast:
         assert got[0].item() == q_eos
@@ -763,7 +763,7 @@ def test_head_select_cuda_draws_equal_triton(dtype, temperature, with_ranges):
         assert settled.float().mean().item() >= 0.9  # the comparison below tests something
         for backend in ("cuda", "triton"):
             got = ops.head_select(
-                y, weight, head, eps=0.0, temperature=temperature, top_k=0, seeds=seeds,
+                y, weight, head, eps=EXACT_EPS, temperature=temperature, top_k=0, seeds=seeds,
                 allowed=allowed, backend=backend,
             )  # fmt: skip
             assert torch.equal(got[settled], expected.cuda()[settled]), backend
@@ -781,22 +781,24 @@ def test_head_select_cuda_captures_in_a_cuda_graph():
     static_y = y.clone()
     with ops.trusted_values():
         for _ in range(2):  # warm-up: allocator and attribute calls outside the capture
-            ops.head_select(static_y, weight, head, eps=0.0, allowed=allowed, backend="cuda")
+            ops.head_select(static_y, weight, head, eps=EXACT_EPS, allowed=allowed, backend="cuda")
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             greedy = ops.head_select(
-                static_y, weight, head, eps=0.0, allowed=allowed, backend="cuda"
+                static_y, weight, head, eps=EXACT_EPS, allowed=allowed, backend="cuda"
             )
             sampled = ops.head_select(
-                static_y, weight, head, eps=0.0, top_k=0, seeds=seeds, backend="cuda"
+                static_y, weight, head, eps=EXACT_EPS, top_k=0, seeds=seeds, backend="cuda"
             )
     other, _, _ = _integer_head_inputs(rows, vocab, dim, torch.bfloat16, seed=2)
     static_y.copy_(other)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(greedy, _cpu_reference(other, weight, head, eps=0.0, allowed=allowed))
-    eager = ops.head_select(other, weight, head, eps=0.0, top_k=0, seeds=seeds, backend="cuda")
+    assert torch.equal(greedy, _cpu_reference(other, weight, head, eps=EXACT_EPS, allowed=allowed))
+    eager = ops.head_select(
+        other, weight, head, eps=EXACT_EPS, top_k=0, seeds=seeds, backend="cuda"
+    )
     assert torch.equal(sampled, eager)
 
 
@@ -813,6 +815,6 @@ def test_head_select_cuda_probe_and_auto_choice():
     assert "16-byte aligned" in _cuda.can_run_head_select(y, unaligned)
     assert ops.resolve_backend("head_select", "auto", y[:1], unaligned) == "triton"
     with pytest.raises(BackendUnavailableError, match="16-byte aligned head rows"):
-        ops.head_select(y, weight, unaligned, eps=0.0, backend="cuda")
+        ops.head_select(y, weight, unaligned, eps=EXACT_EPS, backend="cuda")
     odd = torch.zeros(100, 60, dtype=torch.bfloat16, device="cuda")  # 120-byte rows
     assert "multiple of 16 bytes" in _cuda.can_run_head_select(y[:, :60], odd)

@@ -13,6 +13,9 @@ from kelix_fast.ops import BackendUnavailableError
 from kelix_fast.ops.selection import filter_logits
 
 EPS = 1e-6
+# eps must be > 0; this one leaves every float32 mean of squares of integer inputs (>= 1/D) unchanged,
+# so the normalization, and with it the logits of integer inputs, stay exact.
+EXACT_EPS = 1e-30
 BACKENDS = ["torch", "triton"]
 
 
@@ -48,7 +51,7 @@ def tied_inputs():
 def test_greedy_ties_take_the_first_index(backend):
     y, weight, head, best = tied_inputs()
     want = (y @ head.T).argmax(-1)  # torch.argmax keeps the first index of equal maxima
-    got = ops.head_select(y, weight, head, eps=0.0, backend=backend)
+    got = ops.head_select(y, weight, head, eps=EXACT_EPS, backend=backend)
     assert torch.equal(got, want)
     assert got[2] == 5 and bool(
         (got[:2] == best[:2]).all()
@@ -160,6 +163,25 @@ def test_triton_refuses_more_than_64_candidates():
     # top_k >= V with top_p = 1 filters nothing: the full-row Gumbel-max path takes it.
     ops.head_select(y, weight, head, eps=EPS, top_k=400, seeds=seeds, backend="triton")
     assert ops.resolve_backend("head_select", "auto", y, head) == "torch"
+
+
+def test_non_finite_heads_and_overflowing_logits_are_refused():
+    """A NaN in the head is refused before any kernel (a value check); finite inputs whose logits
+    overflow float32 leave no distribution to sample: the reference says so (the fuzz test found
+    torch.multinomial failing on both)."""
+    y, weight, head = make_head_inputs(2, 12, 6)
+    seeds = torch.tensor([0, 1])
+    bad = head.clone()
+    bad[3, 1] = math.nan
+    for backend in ("torch", "triton"):
+        with pytest.raises(
+            ValueError, match="head_select: head must hold only finite values, got 1 NaN"
+        ):
+            ops.head_select(y, weight, bad, eps=EPS, backend=backend)
+    huge = head.clone()
+    huge[3] = 3e38
+    with pytest.raises(ValueError, match=r"head_select: the logits of y and head overflow float32"):
+        ops.head_select(y, weight, huge, eps=EPS, top_k=0, seeds=seeds, backend="torch")
 
 
 def test_empty_input_gives_empty_ids():

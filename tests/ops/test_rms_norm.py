@@ -99,7 +99,7 @@ def test_empty_input_is_a_no_op():
         ({"x": torch.zeros(2, 8, dtype=torch.int64)}, "x must have dtype"),
         ({"weight": torch.ones(9)}, r"weight must have shape \[8\]"),
         ({"weight": torch.ones(8, dtype=torch.float64)}, "weight must have the dtype of x"),
-        ({"eps": -1.0}, "eps must be a finite number >= 0"),
+        ({"eps": -1.0}, "eps must be a finite number > 0"),
         ({"rope_cos": torch.ones(2, 4)}, "rope_cos and rope_sin must be given together"),
         (
             {"rope_cos": torch.ones(2, 4), "rope_sin": torch.ones(2, 4)},
