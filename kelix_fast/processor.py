@@ -177,12 +177,15 @@ def check_pixel_bounds(
     min_pixels: object,
     max_pixels: object,
     names: tuple[str, str] = ("min_pixels", "max_pixels"),
+    *,
+    ceiling: int | None = None,
 ) -> tuple[int, int]:
-    """An image-area range: ints with ``1 <= min_pixels <= max_pixels`` -> the pair. ``names``: the
-    caller's names of the two (``fetch_min_pixels``, ...). A zero ``max_pixels`` would divide by zero
-    in :func:`smart_resize`, and an empty range resizes to a size outside it."""
+    """An image-area range: ints with ``1 <= min_pixels <= max_pixels`` (``<= ceiling`` when given)
+    -> the pair. ``names``: the caller's names of the two (``fetch_min_pixels``, ...). A zero
+    ``max_pixels`` would divide by zero in :func:`smart_resize`, and an empty range resizes to a size
+    outside it."""
     low, high = (
-        check_int(f"{op}: {name}", value, minimum=1)
+        check_int(f"{op}: {name}", value, minimum=1, maximum=ceiling)
         for name, value in zip(names, (min_pixels, max_pixels))
     )
     if low > high:
@@ -996,12 +999,15 @@ class KelixProcessor:
             parts = [{"image": image} for image in images]
             markers = {}
         config = self.image_config
-        # Every image part's bounds are checked before the first image is decoded.
+        # Every image part's bounds are checked before the first image is decoded. A message's bounds
+        # are the caller's (a client's, through the server): at most the processor's own
+        # fetch_max_pixels, else one message could ask for a 2^31-pixel resize.
         bounds = [
             check_pixel_bounds(
                 f"prepare: image part {i}",
                 part.get("min_pixels", config.fetch_min_pixels),
                 part.get("max_pixels", config.fetch_max_pixels),
+                ceiling=config.fetch_max_pixels,
             )
             for i, part in enumerate(parts)
         ]

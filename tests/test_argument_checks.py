@@ -122,6 +122,7 @@ def test_numpy_integer_seeds_are_the_same_seeds(pipe):
 
 # --------------------------------------------------------------------------- 2. pixel bounds and sizes
 
+AT_LEAST_1 = r"an int (>= 1|in \[1, \d+\])"  # the message's bounds are capped (see below)
 PIXEL_ENTRIES = {
     "smart_resize": lambda lo, hi: smart_resize(56, 56, min_pixels=lo, max_pixels=hi),
     "ImageProcessorConfig": lambda lo, hi: ImageProcessorConfig(min_pixels=lo, max_pixels=hi),
@@ -147,17 +148,28 @@ PIXEL_ENTRIES = {
 @pytest.mark.parametrize(
     "low, high, error, match",
     [
-        (1, 0, ValueError, r"max_pixels must be an int >= 1, got 0"),  # was ZeroDivisionError
-        (0, 100, ValueError, r"min_pixels must be an int >= 1, got 0"),
+        (1, 0, ValueError, rf"max_pixels must be {AT_LEAST_1}, got 0"),  # was ZeroDivisionError
+        (0, 100, ValueError, rf"min_pixels must be {AT_LEAST_1}, got 0"),
         (200, 100, ValueError, r"min_pixels must be <= (fetch_)?max_pixels, got 200 > 100"),
-        (1, 100.5, TypeError, r"max_pixels must be an int >= 1, got float 100.5"),
-        (True, 100, TypeError, r"min_pixels must be an int >= 1, got bool"),
+        (1, 100.5, TypeError, rf"max_pixels must be {AT_LEAST_1}, got float 100.5"),
+        (True, 100, TypeError, rf"min_pixels must be {AT_LEAST_1}, got bool"),
     ],
 )
 @pytest.mark.parametrize("entry", PIXEL_ENTRIES)
 def test_bad_pixel_bounds_are_refused_naming_the_bound(entry, low, high, error, match):
     with pytest.raises(error, match=match):
         PIXEL_ENTRIES[entry](low, high)
+
+
+def test_a_message_cannot_ask_for_more_pixels_than_the_processor_allows():
+    """A message's image bounds come from the caller (a client, through the server): 2^31 pixels would
+    be a 6 GB resize (the long fuzz profile found a 25 s call); the processor's fetch_max_pixels caps
+    them."""
+    ceiling = KelixProcessor.tiny().image_config.fetch_max_pixels
+    with pytest.raises(
+        ValueError, match=rf"max_pixels must be an int in \[1, {ceiling}\], got 2147483648"
+    ):
+        PIXEL_ENTRIES["KelixProcessor.prepare"](1, 2**31)
 
 
 @pytest.mark.parametrize(
