@@ -1,5 +1,5 @@
-"""Checks of scalar arguments, one per kind of argument, shared by every layer: the ops, the processor,
-the presets, the runtime and the public entry points. ``name`` is the argument as the caller's message
+"""Checks of arguments, one per kind of argument (scalars, and the finiteness of tensor data), shared
+by every layer: the ops, the processor, the presets, the runtime and the public entry points. ``name`` is the argument as the caller's message
 should name it (``"seed"``, ``"rms_norm: eps"``); each check raises ``TypeError`` for a wrong Python
 type and ``ValueError`` for a value out of range, naming ``name``, the expected value and the value
 got, and computes nothing.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Any
+
+import torch
 
 # Seeds of torch generators (initial noise, random weights): torch takes [-2^63, 2^64) and folds a
 # negative seed onto 2^64 + s, so -1 would silently equal 2^64 - 1; only [0, 2^63) is accepted.
@@ -101,3 +103,20 @@ def check_finite_number(
     if not math.isfinite(value) or not in_range:
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
     return float(value)
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise ValueError naming ``name`` when the float tensor ``value`` holds a NaN or an infinity.
+
+    The one check of non-finite tensor data (pixel values, noise, conditions), run before any compute:
+    a NaN would otherwise flow through tokenizing or sampling and come out as valid-looking ids or a
+    NaN image. Integer tensors are finite by construction and pass.
+    """
+    floating = isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+    if floating and not bool(torch.isfinite(value).all()):
+        nan = int(torch.isnan(value).sum())
+        inf = int(torch.isinf(value).sum())
+        raise ValueError(
+            f"{name} must hold only finite values, got {nan} NaN and {inf} infinite of "
+            f"{value.numel()}"
+        )

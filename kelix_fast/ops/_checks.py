@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from kelix_fast.arguments import check_bool, check_finite_number, check_int
+from kelix_fast.arguments import check_bool, check_finite, check_finite_number, check_int
 
 _VALUE_CHECKS = contextvars.ContextVar("kelix_fast_value_checks", default=True)
 
@@ -44,15 +44,12 @@ def values_checked() -> bool:
 
 
 def finite(op: str, name: str, t: torch.Tensor) -> None:
-    """Float data ``t`` must hold no NaN or infinity (a value check: one host read, skipped inside
-    :func:`trusted_values`). A NaN would otherwise come out as a valid-looking id, or fail deep
-    inside a backend (``torch.multinomial``) with a message that names nothing of the caller's."""
-    if values_checked() and t.numel() and not bool(torch.isfinite(t).all()):
-        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        raise ValueError(
-            f"{op}: {name} must hold only finite values, got {nan} NaN and {inf} infinite of "
-            f"{t.numel()}"
-        )
+    """Float data ``t`` must hold no NaN or infinity (:func:`kelix_fast.arguments.check_finite`), as a
+    value check: one host read, skipped inside :func:`trusted_values`. A NaN would otherwise come out
+    as a valid-looking id, or fail deep inside a backend (``torch.multinomial``) with a message that
+    names nothing of the caller's."""
+    if values_checked():
+        check_finite(f"{op}: {name}", t)
 
 
 def _shape(t: torch.Tensor) -> str:

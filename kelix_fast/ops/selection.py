@@ -94,9 +94,8 @@ def head_select(
     _checks.same_dtype(_OP, y=y, norm_weight=norm_weight, head=head)
     _checks.same_device(_OP, y=y, norm_weight=norm_weight, head=head)
     _checks.finite(_OP, "y", y)
-    _checks.finite(
-        _OP, "head", head
-    )  # a pass over the head: skipped in trusted_values (the engine)
+    # A pass over the head: skipped in trusted_values, where the engine calls it.
+    _checks.finite(_OP, "head", head)
     vocab = head.shape[0]
     if not 0 < vocab <= _MAX_VOCAB:
         raise ValueError(f"{_OP}: head must have 1 to {_MAX_VOCAB} rows, got {vocab}")

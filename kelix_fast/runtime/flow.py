@@ -11,10 +11,16 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from kelix_fast.arguments import check_bool, check_finite_number, check_int, check_seed, is_int
+from kelix_fast.arguments import (
+    check_bool,
+    check_finite,
+    check_finite_number,
+    check_int,
+    check_seed,
+    is_int,
+)
 from kelix_fast.models.dit import DiTCondition, KelixDiT, dit_position_args
 from kelix_fast.runtime.euler_step import EulerStep
-from kelix_fast.runtime.requests import check_finite
 
 SCHEDULES = ("linspace", "default")
 

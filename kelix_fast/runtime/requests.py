@@ -11,27 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kelix_fast.arguments import check_seed, describe, is_int
+from kelix_fast.arguments import check_finite, check_seed, describe, is_int
 from kelix_fast.config import KelixARConfig
 from kelix_fast.runtime.block_selection import SEED_BITS
 from kelix_fast.runtime.sampling import SamplingParams
-
-
-def check_finite(name: str, value: torch.Tensor) -> None:
-    """Raise ValueError naming ``name`` when the float tensor ``value`` holds a NaN or an infinity.
-
-    The one check of non-finite tensor data (pixel values, noise, conditions), run before any compute:
-    a NaN would otherwise flow through tokenizing or sampling and come out as valid-looking ids or a
-    NaN image. Integer tensors are finite by construction and pass.
-    """
-    floating = isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
-    if floating and not bool(torch.isfinite(value).all()):
-        nan = int(torch.isnan(value).sum())
-        inf = int(torch.isinf(value).sum())
-        raise ValueError(
-            f"{name} must hold only finite values, got {nan} NaN and {inf} infinite of "
-            f"{value.numel()}"
-        )
 
 
 def check_images(
