@@ -20,7 +20,8 @@ relative to the sequence start), optionally intersected with a per-key mask:
 ``key_end(m0)`` are visible to every row: the whole key tiles below it run without the structure mask
 (first loop), the tiles from there up to ``key_end(m1 - 1)`` run with it (second loop: the causal
 diagonal, the block edges, the sequence end), and the keys beyond are never read. Under ``KEY_RANGE``
-(``key_start`` non-decreasing too) every tile runs masked, from the tile holding ``key_start(m0)``. Keys of another sequence are never read (every load is masked to the sequence).
+(``key_start`` non-decreasing too) every tile runs masked, from the tile holding ``key_start(m0)``.
+Keys of another sequence are never read (every load is masked to the sequence).
 
 A row whose keys are all excluded (only possible with a key mask without bias) has ``l = 0`` and
 outputs zeros. The grid is (query tiles of every sequence x heads), sized from ``max_seqlen`` without
@@ -363,9 +364,8 @@ def _flash_attention_kernel(
     full_end = (first_end // BLOCK_N) * BLOCK_N  # key tiles every row of the tile sees entirely
     row_start = tl.zeros([BLOCK_M], tl.int32)
     full_start = 0
-    if (
-        MASK == 3
-    ):  # KEY_RANGE: no key tile is seen whole; start at the tile of the first row's start
+    # KEY_RANGE: no key tile is seen whole; start at the tile holding the first row's first key.
+    if MASK == 3:
         key_start_seq = key_start_ptr + seq_start
         row_start = tl.load(key_start_seq + rows, mask=row_ok, other=0)
         full_end = (tl.load(key_start_seq + m0) // BLOCK_N) * BLOCK_N
