@@ -120,6 +120,8 @@ def _codebook_argmin_kernel(
         query = u * -2.0  # exact in any float dtype: the first block of the augmented GEMM operand
         query = query.to(in_dtype)  # exact; bf16 operands keep the GEMM on tensor cores
 
+    # The official clamp of the distance (1e-30), as a value of the input dtype (reference mode).
+    clamp = round_to(tl.full((BLOCK_N,), 1e-30, tl.float32), in_dtype, BF16_BY_BITS)
     best_dist = tl.full((BLOCK_N,), float("inf"), tl.float32)
     best_code = tl.zeros((BLOCK_N,), tl.int32)
     cb_group = cb_ptr + group * stride_cb_group
@@ -153,7 +155,6 @@ def _codebook_argmin_kernel(
             # 16-bit or float32 format). Its argmin with the first-index rule is the first code whose
             # dist lies in the minimum's class [min, last_tied]: found per row from the tile minimum,
             # so the per-code work is one rounding instead of four and a square root.
-            clamp = round_to(tl.full((BLOCK_N,), 1e-30, tl.float32), in_dtype, BF16_BY_BITS)
             floor = tl.maximum(tl.min(dist, axis=1), clamp)
             tile_dist = _rounded_cdist(floor, in_dtype, BF16_BY_BITS)
             next_1 = _next_up(floor, in_dtype)
