@@ -69,8 +69,9 @@ CAPS_S = {
     # cut run still names every failure it saw.
     "tests": 110,
     # Not yet run on a GPU: 1,000 calls of the release-size models at a few blocks and one DiT step
-    # each; on the 2-core CPU the tiny models take about a minute. Taken from the kernels stage,
-    # whose goal cases run first.
+    # each may not fit (it then shows as a timeout). On the 2-core CPU the tiny models took 47 s for
+    # the smoke mode's 200 calls and 220 s for 1,000. Taken from the kernels stage, whose goal cases
+    # run first.
     "soak": 60,
     # No full run yet. Kelix-Tok at both sizes and two 64-block generate calls took 21 s at release
     # scale (kf_stages.json); the reference path's 324-block and text-to-image calls take tens of
