@@ -21,12 +21,12 @@ _MAX_CODE_DIM = 256  # kf_codebook_argmin: d % 16 == 0 and d <= 256
 # kf_head_select: head rows of D * element size bytes, a multiple of 16 (vector loads) and at most
 # 112 KiB (one row must fit the kernel's shared-memory budget).
 _HEAD_SELECT_MAX_ROW_BYTES = 112 * 1024
-# Rows up to which "auto" prefers kf_head_select, by measured speed (H200, commit 265be71, greedy,
+# Rows for which kelix_fast offers kf_head_select, by measured speed (H200, commit 265be71, greedy,
 # V = 217,472, D = 4096, bf16; benchmarks/results/h200-2026-12-04-265be71-manual/kernels.json): at M = 1
 # it takes 0.437 ms against Triton's 0.457, but it scores on CUDA cores, so its time grows with M
 # (0.925 ms at M = 8, 3.16 at 32, 11.1 at 128) while Triton's tensor-core tl.dot stays near the head's
-# bandwidth (0.460, 0.491, 0.671 ms).
-_HEAD_SELECT_AUTO_MAX_ROWS = 1
+# bandwidth (0.460, 0.491, 0.671 ms). The C library still serves any M (correct, not fast).
+_HEAD_SELECT_MAX_ROWS = 1
 
 _extension: ModuleType | None = None
 _extension_reason: str | None = None
@@ -96,12 +96,20 @@ def can_run_block_embed(ids: torch.Tensor, table: torch.Tensor) -> str | None:
 
 
 def can_run_head_select(y: torch.Tensor, head: torch.Tensor) -> str | None:
-    """:func:`can_run_cuda` plus what ``kf_head_select``'s 16-byte head loads need.
+    """:func:`can_run_cuda` for one row (``_HEAD_SELECT_MAX_ROWS``) plus what ``kf_head_select``'s
+    16-byte head loads need.
 
     The head's rows must start on 16-byte boundaries (``D * element size`` and the row stride in
     bytes multiples of 16, an aligned base) and a row may take at most 112 KiB. The request itself
     (greedy or full-row sampling) is checked by ``ops.head_select``.
     """
+    rows = y.shape[0]
+    if rows > _HEAD_SELECT_MAX_ROWS:
+        return (
+            f"the CUDA kernel is offered for M <= {_HEAD_SELECT_MAX_ROWS} row (it scores on CUDA "
+            f"cores: 3.16 ms at M = 32 where triton's tensor cores took 0.49 on an H200), got "
+            f"M={rows}; use backend='triton'"
+        )
     reason = can_run_cuda(y, head)
     if reason is not None:
         return reason
@@ -118,17 +126,6 @@ def can_run_head_select(y: torch.Tensor, head: torch.Tensor) -> str | None:
         return (
             f"the CUDA kernel needs 16-byte aligned head rows, got address % 16 = "
             f"{head.data_ptr() % 16} and a row stride of {head.stride(0) * size} bytes"
-        )
-    return None
-
-
-def auto_can_run_head_select(y: torch.Tensor, head: torch.Tensor) -> str | None:
-    """``auto_can_run`` of the cuda head_select: at most ``_HEAD_SELECT_AUTO_MAX_ROWS`` rows."""
-    rows = y.shape[0]
-    if rows > _HEAD_SELECT_AUTO_MAX_ROWS:
-        return (
-            f"auto picks it for at most {_HEAD_SELECT_AUTO_MAX_ROWS} row (CUDA-core FMAs; the "
-            f"tensor-core Triton kernel was measured faster above), got M={rows} (ask for it by name)"
         )
     return None
 

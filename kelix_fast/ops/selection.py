@@ -1,7 +1,7 @@
 """``head_select``: final RMSNorm + output head + token selection of the Block Decoder (kelix-ar.md §4.6,
 §5.4-§5.6, §8 #3), without materialising the [M, V] logits in the fused backend.
 
-Backends: ``cuda`` (``csrc/head_select.cu`` through ``kelix_fast._C``: greedy and full-row
+Backends: ``cuda`` (``csrc/head_select.cu`` through ``kelix_fast._C``: one row, greedy and full-row
 Gumbel-max sampling, the same keys and hash as triton), ``triton``
 (``kelix_fast.triton_kernels.head_select``: vocabulary split across programs, per-split keys, a torch
 merge of the tiny candidate set) and the PyTorch reference ``torch``; ``"auto"`` prefers cuda, then
@@ -69,9 +69,11 @@ def head_select(
             ``[q_eos, q_eos + 1)``. Checking the ranges reads them on the host (one synchronisation,
             skipped inside ``ops.trusted_values()``).
         backend: ``"auto" | "cuda" | "triton" | "torch"``. See
-            :func:`kelix_fast.ops.resolve_backend`; ``"auto"`` picks cuda for CUDA tensors when
-            kelix_fast._C is built, the request is greedy or full-row sampling (``top_p == 1``, no
-            top-k filter), M == 1 (measured: see ``ops._cuda``) and the head's rows are 16-byte aligned; else triton when the
+            :func:`kelix_fast.ops.resolve_backend`. cuda runs for CUDA tensors when kelix_fast._C is
+            built, M == 1 (it scores on CUDA cores: measured slower than triton's tensor cores from
+            M = 8 on, see ``ops._cuda``; M > 1 is refused), the request is greedy or full-row
+            sampling (``top_p == 1``, no top-k filter) and the head's rows are 16-byte aligned;
+            ``"auto"`` picks it then, else triton when the
             request is supported (greedy; full-row sampling; or at most 64 candidates:
             ``0 < top_k <= 64``, or V <= 64); else torch. cuda and triton draw the same ids up to
             float32 rounding of the scores. triton on CPU tensors runs only when asked for by name
@@ -279,11 +281,7 @@ def _refusal(impl: _dispatch.Impl, reason: str) -> _dispatch.Impl:
 
 
 _IMPLS = {
-    "cuda": _dispatch.Impl(
-        _cuda.head_select,
-        can_run=_cuda.can_run_head_select,
-        auto_can_run=_cuda.auto_can_run_head_select,
-    ),
+    "cuda": _dispatch.Impl(_cuda.head_select, can_run=_cuda.can_run_head_select),
     "triton": _dispatch.Impl(
         _triton, can_run=_dispatch.needs_triton, auto_can_run=_dispatch.on_cuda
     ),

@@ -321,6 +321,20 @@ def _cpu_reference(y, weight, head, **kwargs):
     return ids.to(y.device)
 
 
+def _cuda_select(y, weight, head, *, eps, temperature=1.0, top_k=1, seeds=None, allowed=None):
+    """The CUDA kernel at any row count: ``ops.head_select(backend="cuda")`` for one row (the rows
+    kelix_fast offers it for), its launcher ``ops._cuda.head_select`` (what the C API serves: any M)
+    for more. Arguments as ops.head_select's, valid ones only (the launcher checks nothing)."""
+    if y.shape[0] == 1:
+        return ops.head_select(
+            y, weight, head, eps=eps, temperature=temperature, top_k=top_k, seeds=seeds,
+            allowed=allowed, backend="cuda",
+        )  # fmt: skip
+    ids = torch.full((y.shape[0],), -1, dtype=torch.int64, device=y.device)
+    _cuda.head_select(y, weight, head, allowed, seeds, ids, eps, temperature, top_k, 1.0)
+    return ids
+
+
 def _exact_logits(y, weight, head, allowed=None):
     """float64 logits [M, V] of integer inputs (eps = 0), -inf outside ``allowed``."""
     logits = (y.double() * weight.double()) @ head.double().T
@@ -392,12 +406,16 @@ def test_head_select_cuda_takes_greedy_and_full_row_requests(top_k):
     assert _cuda.can_run_head_select(y, head) in str(error.value)
 
 
-def test_head_select_auto_leaves_more_than_one_row_to_triton():
-    """Measured on the H200: the CUDA kernel wins at M = 1 only (ops._cuda._HEAD_SELECT_AUTO_MAX_ROWS)."""
-    head = torch.zeros(5, 8)
-    assert _cuda.auto_can_run_head_select(torch.zeros(1, 8), head) is None
-    reason = _cuda.auto_can_run_head_select(torch.zeros(2, 8), head)
-    assert "at most 1 row" in reason and "M=2" in reason
+def test_head_select_cuda_is_offered_for_one_row_only():
+    """Measured on the H200: the CUDA kernel wins at M = 1 only (ops._cuda._HEAD_SELECT_MAX_ROWS); a
+    request for more rows is refused by name, pointing at triton, before any device check."""
+    y, weight, head = _integer_head_inputs(2, 40, 16, torch.float32, seed=0, device="cpu")
+    reason = _cuda.can_run_head_select(y, head)
+    assert "M <= 1 row" in reason and "M=2" in reason and "backend='triton'" in reason
+    with pytest.raises(BackendUnavailableError, match=r"M=2; use backend='triton'"):
+        ops.head_select(y, weight, head, eps=EXACT_EPS, backend="cuda")
+    # One row reaches the device probe (refused here for CPU tensors, for another reason).
+    assert "M=" not in _cuda.can_run_head_select(y[:1], head)
 
 
 def _head_select_args(C, **changes):
@@ -612,7 +630,7 @@ def test_head_select_cuda_greedy_exact_on_integer_logits(rows, vocab, dim, dtype
     ids = torch.full((rows,), -1, dtype=torch.int64, device="cuda")
     _cuda.head_select(wide[:, :dim], weight, head, None, None, ids, 0.0, 1.0, 1, 1.0)
     assert torch.equal(ids, want)
-    assert torch.equal(ops.head_select(y, weight, head, eps=EXACT_EPS, backend="cuda"), want)
+    assert torch.equal(_cuda_select(y, weight, head, eps=EXACT_EPS), want)
 
 
 @pytest.mark.gpu
@@ -639,7 +657,7 @@ def test_head_select_cuda_ties_take_the_first_index(copies, zeros, rows):
     y = y.expand(rows, -1)
     want = _cpu_reference(y, weight, head, eps=EXACT_EPS)
     assert want.tolist() == [min(copies)] * rows
-    assert torch.equal(ops.head_select(y, weight, head, eps=EXACT_EPS, backend="cuda"), want)
+    assert torch.equal(_cuda_select(y, weight, head, eps=EXACT_EPS), want)
 
 
 def _ranges(rows, vocab, q_eos, seed, device="cuda"):
@@ -667,7 +685,7 @@ def test_head_select_cuda_greedy_ranges(rows, broadcast):
     if broadcast:
         allowed = allowed[-1:].expand(rows, -1, -1)  # row stride 0
     want = _cpu_reference(y, weight, head, eps=EXACT_EPS, allowed=allowed)
-    got = ops.head_select(y, weight, head, eps=EXACT_EPS, allowed=allowed, backend="cuda")
+    got = _cuda_select(y, weight, head, eps=EXACT_EPS, allowed=allowed)
     assert torch.equal(got, want)
     if not broadcast:
         assert got[0].item() == q_eos
@@ -683,7 +701,7 @@ def test_head_select_cuda_greedy_random_inputs(rows, vocab, dim, dtype):
     of the normed rows (the kernel's 1/sqrt_rn vs torch's rsqrt, summation order) can move."""
     _head_select_extension()
     y, weight, head = _random_head_inputs(rows, vocab, dim, dtype, seed=rows + dim)
-    got = ops.head_select(y, weight, head, eps=1e-6, backend="cuda")
+    got = _cuda_select(y, weight, head, eps=1e-6)
     normed = rms_norm_reference(y, weight, 1e-6).double()
     logits = normed @ head.double().T
     best = logits.max(-1).values
@@ -707,10 +725,8 @@ def test_head_select_cuda_production_head(rows):
     noise = torch.randn(rows, FULL_DIM, generator=gen, device="cuda")
     y = (head[picks].float() / weight.float() + 0.001 * noise).bfloat16()
     seeds = torch.randint(-(2**62), 2**62, (rows,), generator=gen, device="cuda")
-    assert torch.equal(ops.head_select(y, weight, head, eps=1e-6, backend="cuda"), picks)
-    sampled = ops.head_select(
-        y, weight, head, eps=1e-6, temperature=0.7, top_k=0, seeds=seeds, backend="cuda"
-    )
+    assert torch.equal(_cuda_select(y, weight, head, eps=1e-6), picks)
+    sampled = _cuda_select(y, weight, head, eps=1e-6, temperature=0.7, top_k=0, seeds=seeds)
     assert torch.equal(sampled, picks)
 
 
@@ -734,9 +750,9 @@ def test_head_select_cuda_sampler_draws_softmax(temperature, restricted):
         logits = logits.masked_fill(~inside, float("-inf"))
     probs = torch.softmax(logits / (temperature + 1e-5) if temperature > 0 else logits, -1)[0]
     seeds = torch.arange(draws, dtype=torch.int64, device="cuda") * 1_000_003 - 2**40
-    ids = ops.head_select(
+    ids = _cuda_select(
         y.expand(draws, -1), weight, head, eps=1e-6, temperature=temperature, top_k=0,
-        seeds=seeds, allowed=allowed, backend="cuda",
+        seeds=seeds, allowed=allowed,
     )  # fmt: skip
     counts = torch.bincount(ids.cpu(), minlength=vocab).double()
     assert chi_square_p_value(counts, probs.cpu()) > 1e-3
@@ -761,11 +777,17 @@ def test_head_select_cuda_draws_equal_triton(dtype, temperature, with_ranges):
         )
         settled = (gap > 1e-4).cuda()
         assert settled.float().mean().item() >= 0.9  # the comparison below tests something
-        for backend in ("cuda", "triton"):
-            got = ops.head_select(
+        draws = {
+            "cuda": _cuda_select(
                 y, weight, head, eps=EXACT_EPS, temperature=temperature, top_k=0, seeds=seeds,
-                allowed=allowed, backend=backend,
-            )  # fmt: skip
+                allowed=allowed,
+            ),
+            "triton": ops.head_select(
+                y, weight, head, eps=EXACT_EPS, temperature=temperature, top_k=0, seeds=seeds,
+                allowed=allowed, backend="triton",
+            ),
+        }  # fmt: skip
+        for backend, got in draws.items():
             assert torch.equal(got[settled], expected.cuda()[settled]), backend
 
 
@@ -774,9 +796,9 @@ def test_head_select_cuda_captures_in_a_cuda_graph():
     """No host synchronisation: the op (inside ops.trusted_values) records into a CUDA graph, and
     replays follow new inputs copied into the captured buffers."""
     _head_select_extension()
-    rows, vocab, dim = 5, 1000, 64
+    rows, vocab, dim = 1, 1000, 64  # the op offers the CUDA kernel for one row
     y, weight, head = _integer_head_inputs(rows, vocab, dim, torch.bfloat16, seed=1)
-    allowed = _ranges(rows, vocab, 501, seed=1)
+    allowed = _ranges(2, vocab, 501, seed=1)[1:]  # a real range (row 0 of _ranges is finished)
     seeds = torch.arange(rows, dtype=torch.int64, device="cuda")
     static_y = y.clone()
     with ops.trusted_values():
@@ -812,9 +834,9 @@ def test_head_select_cuda_probe_and_auto_choice():
     assert ops.resolve_backend("head_select", "auto", y[:2], head) == "triton"
     unaligned = torch.zeros(100, 65, dtype=torch.bfloat16, device="cuda")[:, 1:]
     unaligned.copy_(head)
-    assert "16-byte aligned" in _cuda.can_run_head_select(y, unaligned)
+    assert "16-byte aligned" in _cuda.can_run_head_select(y[:1], unaligned)
     assert ops.resolve_backend("head_select", "auto", y[:1], unaligned) == "triton"
     with pytest.raises(BackendUnavailableError, match="16-byte aligned head rows"):
-        ops.head_select(y, weight, unaligned, eps=EXACT_EPS, backend="cuda")
+        ops.head_select(y[:1], weight, unaligned, eps=EXACT_EPS, backend="cuda")
     odd = torch.zeros(100, 60, dtype=torch.bfloat16, device="cuda")  # 120-byte rows
     assert "multiple of 16 bytes" in _cuda.can_run_head_select(y[:, :60], odd)
