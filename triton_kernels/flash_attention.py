@@ -11,17 +11,46 @@ relative to the sequence start), optionally intersected with a per-key mask:
 
 * ``BIDIRECTIONAL``: ``key_end(i) = len``;
 * ``CAUSAL``: ``key_end(i) = i + 1``;
-* ``KEY_END``: ``key_end(i)`` read from a per-row table (block-causal: the end of ``i``'s block);
+* ``KEY_END``: ``key_end(i)`` read from a per-row table (block-causal over runs of equal block ids: the
+  end of ``i``'s block);
+* ``BLOCK_CAUSAL``: ``key_end(i) = min((i // block_size + 1) * block_size, len)``, computed in the kernel
+  (block-causal over blocks of ``block_size`` rows: no table to build, no per-row loads);
 * ``KEY_RANGE``: keys ``key_start(i) <= j < key_end(i)``, both from per-row tables: many short sequences
   (the Block Decoder's 9-slot ones) run as one pack whose rows see only their own sequence, so that a
   program covers 64 rows of several sequences instead of 9 rows of one (see ``PACK_MAX_SEQLEN``).
 
 ``key_end`` never decreases along a sequence, so for the tile of rows ``[m0, m1)`` the keys below
-``key_end(m0)`` are visible to every row: the whole key tiles below it run without the structure mask
-(first loop), the tiles from there up to ``key_end(m1 - 1)`` run with it (second loop: the causal
-diagonal, the block edges, the sequence end), and the keys beyond are never read. Under ``KEY_RANGE``
+``key_end(m0)`` are visible to every row: the whole key tiles below it run without the structure mask,
+the tiles from there up to ``key_end(m1 - 1)`` run with it (the causal diagonal, the block edges, the
+sequence end), and the keys beyond are never read. A tile runs masked exactly when some row of the
+query tile does not see all of its keys, so no split does fewer masked tiles. Under ``KEY_RANGE``
 (``key_start`` non-decreasing too) every tile runs masked, from the tile holding ``key_start(m0)``.
 Keys of another sequence are never read (every load is masked to the sequence).
+
+Both kinds of key tile run in one loop, the structure mask behind a branch that is uniform across the
+program. Two loops (unmasked, then masked) made ptxas serialize every wgmma of the kernel on sm_90a
+(C7515, "non wgmma instructions defining accumulator registers": Triton keeps the last P V wgmma of the
+first loop in flight past its exit, where the zero-trip path copies the accumulator): each HGMMA then
+waited for the previous one (``WARPGROUP.DEPBAR`` after every HGMMA in the SASS). With one loop the Q K^T
+and P V chains issue back to back, one wait per chain (tests/build checks the ptxas log).
+
+Hopper (sm_90a, Triton 3.6), measured on the compile only (registers, shared memory, SASS):
+
+* wgmma: every 16-bit tile product is a wgmma (64-row warpgroup tiles; P stays in registers as the A
+  operand of P V). Triton keeps the P V chain of one tile in flight while the next tile's Q K^T chain
+  issues (``wgmma.wait_group 0`` after Q K^T); the softmax itself does not overlap a wgmma.
+* ``tl.range(..., warp_specialize=True)`` compiles to the same SASS on sm_90a as without it (no
+  ``setmaxnreg``, no producer warps): Triton 3.6 warp-specializes only on Blackwell. Not used.
+* TMA: tensor descriptors (host ``TensorDescriptor`` or ``tl.make_tensor_descriptor``) compile to
+  ``UTMALDG``; in a reduced kernel of the same loop they took 138 registers instead of 170 with
+  pointer loads at 128 x 64 tiles, 187 instead of 254 at 128 x 128. Not used yet: a descriptor over
+  the whole [T, Hkv, d] tensor reads keys of the neighbouring sequence (finite values times p = 0 are
+  harmless, an Inf there would give NaN); exact per-sequence bounds need device-side descriptors,
+  which need a global scratch allocator (``triton.set_allocator``: process-wide, called at every
+  launch, which CUDA-graph capture must see); and strides that are not multiples of 16 bytes (fused
+  projections) need this pointer path anyway.
+* Loads are ``cp.async`` 16-byte copies (``STRIDE_ALIGN``) into a ring of ``num_stages`` = 3
+  (Triton's default) K/V tiles.
 
 A row whose keys are all excluded (only possible with a key mask without bias) has ``l = 0`` and
 outputs zeros. The grid is (query tiles of every sequence x heads), sized from ``max_seqlen`` without
@@ -44,6 +73,7 @@ BIDIRECTIONAL = 0
 CAUSAL = 1
 KEY_END = 2
 KEY_RANGE = 3
+BLOCK_CAUSAL = 4
 # Sequences up to this long, when there are several, run as one pack under KEY_RANGE: a 16-row tile per
 # sequence (the Block Decoder's 9 slots) would launch one tiny program per sequence and head.
 PACK_MAX_SEQLEN = 16
@@ -166,11 +196,11 @@ def _attend_key_tile(
     n0,  # first key of the tile, relative to the sequence start
     seq_len,
     row_start,  # [BLOCK_M] int32: row i sees keys j >= row_start[i] (RANGE only)
-    row_end,  # [BLOCK_M] int32: row i sees keys j < row_end[i] (MASKED only)
+    row_end,  # [BLOCK_M] int32: row i sees keys j < row_end[i] (masked tiles only)
+    masked,  # bool scalar: apply row_end (and row_start): the diagonal, block-edge and last tiles
     qk_scale,
     masked_bias,
-    MASKED: tl.constexpr,  # apply row_end and the sequence end (the diagonal and last tiles)
-    RANGE: tl.constexpr,  # apply row_start too (MASK == KEY_RANGE; every tile is MASKED)
+    RANGE: tl.constexpr,  # apply row_start too (MASK == KEY_RANGE; every tile is masked)
     KEY_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -180,35 +210,27 @@ def _attend_key_tile(
 ):
     """One key tile of the online softmax: returns the updated (acc, acc2, l, m).
 
-    The tiles of the first loop lie inside the sequence and are seen whole by every row: their loads
-    and scores need no key mask. The products are :func:`_dot.dot`: tensor cores for bf16/fp16 tiles,
-    IEEE float32 (no TF32) for float32 ones, float32 copies under UPCAST_DOT (the interpreter).
+    Unmasked tiles lie inside the sequence and are seen whole by every row. Loads are masked to the
+    sequence in every tile all the same (one predicate per 16-byte copy), so that both kinds of tile
+    share one code path up to the uniform ``masked`` branch. The products are :func:`_dot.dot`: tensor
+    cores for bf16/fp16 tiles, IEEE float32 (no TF32) for float32 ones, float32 copies under UPCAST_DOT
+    (the interpreter).
     """
     keys = n0 + tl.arange(0, BLOCK_N)
-    if MASKED:
-        key_ok = keys < seq_len
-        k_mask = k_dim_ok & key_ok[None, :]
-        v_mask = key_ok[:, None] & v_dim_ok
-    else:
-        k_mask = k_dim_ok
-        v_mask = v_dim_ok
-    k_t = tl.load(k_tile + k_offs, mask=k_mask, other=0.0)
+    key_ok = keys < seq_len
+    k_t = tl.load(k_tile + k_offs, mask=k_dim_ok & key_ok[None, :], other=0.0)
     scores = dot(q, k_t, UPCAST_DOT)
     if SPLIT:
-        k2_mask = k2_dim_ok & key_ok[None, :] if MASKED else k2_dim_ok
-        k2_t = tl.load(k_tile + k2_offs, mask=k2_mask, other=0.0)
+        k2_t = tl.load(k_tile + k2_offs, mask=k2_dim_ok & key_ok[None, :], other=0.0)
         scores += dot(q2, k2_t, UPCAST_DOT)
     scores = scores * qk_scale
     if KEY_MASK != 0:
-        if MASKED:
-            keep = tl.load(key_mask_ptr + keys, mask=key_ok, other=0) != 0
-        else:
-            keep = tl.load(key_mask_ptr + keys) != 0
+        keep = tl.load(key_mask_ptr + keys, mask=key_ok, other=0) != 0
         if KEY_MASK == 1:
             scores = tl.where(keep[None, :], scores, float("-inf"))
         else:
             scores = tl.where(keep[None, :], scores, scores + masked_bias)
-    if MASKED:
+    if masked:
         visible = keys[None, :] < row_end[:, None]
         if RANGE:
             visible = visible & (keys[None, :] >= row_start[:, None])
@@ -228,14 +250,13 @@ def _attend_key_tile(
         alpha = tl.exp2(m_i - m_base)
     l_i = l_i * alpha + tl.sum(p, axis=1)
 
-    v = tl.load(v_tile + v_offs, mask=v_mask, other=0.0)
+    v = tl.load(v_tile + v_offs, mask=key_ok[:, None] & v_dim_ok, other=0.0)
     # P in the value dtype (rounded to nearest even), as flash attention feeds the tensor cores.
     if v.dtype != tl.float32:
         p = cast_rne(p, v.dtype, BF16_BY_BITS)
     acc = acc * alpha[:, None] + dot(p, v, UPCAST_DOT)
     if SPLIT:
-        v2_mask = key_ok[:, None] & v2_dim_ok if MASKED else v2_dim_ok
-        v2 = tl.load(v_tile + v2_offs, mask=v2_mask, other=0.0)
+        v2 = tl.load(v_tile + v2_offs, mask=key_ok[:, None] & v2_dim_ok, other=0.0)
         acc2 = acc2 * alpha[:, None] + dot(p, v2, UPCAST_DOT)
     return acc, acc2, l_i, m_new
 
@@ -254,6 +275,7 @@ def _flash_attention_kernel(
     num_tiles,  # query tiles of the longest sequence
     num_heads,
     group_size,  # H / Hkv
+    block_size,  # rows per block (MASK == BLOCK_CAUSAL only)
     qk_scale,  # scale * log2(e); scale when KEY_MASK == 2 (natural units)
     masked_bias,  # the key bias (KEY_MASK == 2 only)
     stride_q_t,
@@ -356,6 +378,10 @@ def _flash_attention_kernel(
         row_end = rows + 1
         first_end = m0 + 1
         tile_end = last_row + 1
+    elif MASK == 4:  # BLOCK_CAUSAL: the end of each row's block, cut at the sequence end
+        row_end = tl.minimum((rows // block_size + 1) * block_size, seq_len)
+        first_end = tl.minimum((m0 // block_size + 1) * block_size, seq_len)
+        tile_end = tl.minimum((last_row // block_size + 1) * block_size, seq_len)
     else:  # KEY_END, KEY_RANGE
         key_end_seq = key_end_ptr + seq_start
         row_end = tl.load(key_end_seq + rows, mask=row_ok, other=0)
@@ -369,7 +395,7 @@ def _flash_attention_kernel(
         key_start_seq = key_start_ptr + seq_start
         row_start = tl.load(key_start_seq + rows, mask=row_ok, other=0)
         full_end = (tl.load(key_start_seq + m0) // BLOCK_N) * BLOCK_N
-        full_start = full_end  # the first loop runs no tile
+        full_start = full_end  # every tile runs masked
         k_tile += full_end.to(tl.int64) * stride_k_t
         v_tile += full_end.to(tl.int64) * stride_v_t
 
@@ -377,24 +403,15 @@ def _flash_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)  # loop-invariant (folded away) unless SPLIT
-    # The second loop continues where the first stopped.
     k_step = BLOCK_N * stride_k_t
     v_step = BLOCK_N * stride_v_t
-    for n0 in range(full_start, full_end, BLOCK_N):
+    # One loop, masked from full_end on (see the module docstring: two loops serialized the wgmmas).
+    for n0 in range(full_start, tile_end, BLOCK_N):
         acc, acc2, l_i, m_i = _attend_key_tile(
             acc, l_i, m_i, acc2, q, q2, k_tile, v_tile, k_offs, v_offs, k_dim_ok, v_dim_ok,
             k2_offs, v2_offs, k2_dim_ok, v2_dim_ok, key_mask_seq, n0, seq_len, row_start, row_end,
-            qk_scale, masked_bias, False, False, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2, UPCAST_DOT,
-            BF16_BY_BITS,
-        )  # fmt: skip
-        k_tile += k_step
-        v_tile += v_step
-    for n0 in range(full_end, tile_end, BLOCK_N):
-        acc, acc2, l_i, m_i = _attend_key_tile(
-            acc, l_i, m_i, acc2, q, q2, k_tile, v_tile, k_offs, v_offs, k_dim_ok, v_dim_ok,
-            k2_offs, v2_offs, k2_dim_ok, v2_dim_ok, key_mask_seq, n0, seq_len, row_start, row_end,
-            qk_scale, masked_bias, True, MASK == 3, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2, UPCAST_DOT,
-            BF16_BY_BITS,
+            n0 >= full_end, qk_scale, masked_bias, MASK == 3, KEY_MASK, BLOCK_N, SPLIT, BLOCK_D2,
+            UPCAST_DOT, BF16_BY_BITS,
         )  # fmt: skip
         k_tile += k_step
         v_tile += v_step
@@ -441,12 +458,14 @@ def flash_attention(
     causal: bool,
     scale: float,
     masked_bias: float | None,
+    block_size: int | None = None,
 ) -> None:
     """Fill ``out [T, H, d]`` with attention within each packed sequence (``kelix_fast.ops.attention``).
 
     q [T, H, d], k/v [T, Hkv, d] (any strides), cu_seqlens [n+1] int32/int64 on the same device,
     ``max_seqlen`` at least the longest sequence. Structure: ``key_end`` [T] int32 (row ``i`` sees the
-    keys ``j < key_end[i]`` of its sequence, non-decreasing along each sequence), else causal or
+    keys ``j < key_end[i]`` of its sequence, non-decreasing along each sequence), else ``block_size``
+    (row ``i`` sees its own block of ``block_size`` rows and the earlier ones), else causal or
     bidirectional. ``key_mask`` [T] bool: False keys are excluded, or get ``masked_bias`` (already
     rounded to the input dtype) added to their scaled scores. Inputs are validated by the op; nothing
     here reads a tensor on the host.
@@ -462,6 +481,11 @@ def flash_attention(
     key_start = None
     if key_end is not None:
         mask = KEY_END
+    elif block_size is not None:
+        mask = BLOCK_CAUSAL
+        # Blocks longer than every sequence see their whole sequence, as one of max_seqlen rows does;
+        # the clamp keeps (i // block_size + 1) * block_size below 2 * max_seqlen in int32.
+        block_size = min(block_size, max_seqlen)
     elif num_seqs > 1 and max_seqlen <= PACK_MAX_SEQLEN:
         mask = KEY_RANGE
         key_start, key_end = _pack_key_ranges(cu_seqlens, tokens, causal)
@@ -495,6 +519,7 @@ def flash_attention(
         num_tiles,
         heads,
         heads // k.shape[1],
+        1 if block_size is None else block_size,
         scale if key_mode == _KEY_MASK_BIAS else scale * _LOG2E.value,
         0.0 if masked_bias is None else masked_bias,
         *_scaled_strides(q, align),

@@ -329,26 +329,20 @@ def _attention_reference(q, k, v, cu_seqlens, max_seqlen, spec: _Mask, scale, ou
             )[0]
 
 
-def _block_key_ends(spec: _Mask, cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
-    """[T] int32: per query, the end of the keys it sees under ``block_causal`` + ``within_block="full"``
-    (the end of its block, relative to its sequence start), on the device without a host read."""
-    device = cu_seqlens.device
+def _block_key_ends(block_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[T] int32: per query, the end of the keys it sees under ``block_causal`` by ``block_ids`` with
+    ``within_block="full"`` (the end of its block, relative to its sequence start), on the device
+    without a host read."""
+    tokens = block_ids.shape[0]
     seq = _sequence_index(cu_seqlens, tokens)
-    starts = cu_seqlens.long()[seq]
-    ends = cu_seqlens.long()[seq + 1]
-    positions = torch.arange(tokens, device=device)
-    if spec.block_ids is None:
-        relative = positions - starts
-        return torch.minimum(
-            (relative // spec.block_size + 1) * spec.block_size, ends - starts
-        ).int()
+    positions = torch.arange(tokens, device=cu_seqlens.device)
     # The last token of a block: the sequence ends or the next id differs. A reversed running minimum
     # carries the first such index at or after every token to it.
-    last = torch.ones(tokens, dtype=torch.bool, device=device)
-    last[:-1] = (spec.block_ids[1:] != spec.block_ids[:-1]) | (seq[1:] != seq[:-1])
+    last = torch.ones(tokens, dtype=torch.bool, device=cu_seqlens.device)
+    last[:-1] = (block_ids[1:] != block_ids[:-1]) | (seq[1:] != seq[:-1])
     marks = torch.where(last, positions + 1, tokens)
     block_end = marks.flip(0).cummin(0).values.flip(0)
-    return (block_end - starts).int()
+    return (block_end - cu_seqlens.long()[seq]).int()
 
 
 def _triton(q, k, v, cu_seqlens, max_seqlen, spec: _Mask, scale, out) -> None:
@@ -356,9 +350,14 @@ def _triton(q, k, v, cu_seqlens, max_seqlen, spec: _Mask, scale, out) -> None:
     if q.shape[0] == 0:
         return
     # within_block="causal" sees exactly the keys of "causal" (earlier blocks whole, j <= i inside).
-    key_end = None
+    # Blocks of block_size rows: the kernel computes each row's key end itself; runs of block_ids
+    # need the table (several device ops per call).
+    key_end = block_size = None
     if spec.kind == "block_causal" and spec.within_block == "full":
-        key_end = _block_key_ends(spec, cu_seqlens, q.shape[0])
+        if spec.block_ids is None:
+            block_size = spec.block_size
+        else:
+            key_end = _block_key_ends(spec.block_ids, cu_seqlens)
     kernels.flash_attention(
         q,
         k,
@@ -371,6 +370,7 @@ def _triton(q, k, v, cu_seqlens, max_seqlen, spec: _Mask, scale, out) -> None:
         causal=spec.kind != "bidirectional",
         scale=scale,
         masked_bias=spec.masked_bias,
+        block_size=block_size,
     )
 
 

@@ -295,10 +295,24 @@ def test_triton_other_tilings(monkeypatch, blocks):
     monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", blocks)
     lengths = [37, 70]
     q, k, v, cu = packed(lengths, 2, 1, 16, seed=8)
-    for mode in ("causal", "block_ids", "bidirectional"):
+    for mode in ("causal", "block9", "block_ids", "bidirectional"):
         kwargs = mode_kwargs(mode, lengths, seed=8)
         got = ops.attention(q, k, v, cu_seqlens=cu, backend="triton", **kwargs)
         assert_matches(got, naive(q, k, v, cu, **kwargs), torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [1, 32, 130, 2**40])
+def test_triton_block_sizes(block_size):
+    """Blocks of ``block_size`` rows, whose key ends the kernel computes itself: one row (causal), the
+    key-tile width (block edges on tile edges), and blocks longer than every sequence (each row sees
+    its whole sequence; 2^40 is clamped to the longest sequence before it reaches int32 arithmetic)."""
+    q, k, v, cu = packed(PACK, 2, 1, 16, seed=14)
+    kwargs = {"mask": "block_causal", "block_size": block_size}
+    got = ops.attention(q, k, v, cu_seqlens=cu, backend="triton", **kwargs)
+    assert_matches(got, naive(q, k, v, cu, **kwargs), torch.float32)
+    if block_size >= max(PACK):
+        bidirectional = ops.attention(q, k, v, cu_seqlens=cu, backend="triton")
+        assert torch.equal(got, bidirectional)
 
 
 def test_triton_one_short_sequence_takes_small_tiles():
