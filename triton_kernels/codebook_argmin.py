@@ -4,8 +4,14 @@ One program takes BLOCK_N query rows of one group, normalizes them in registers,
 codebook through ``tl.dot`` in BLOCK_K-code tiles, keeping a running (min, index) per row: the [n, K]
 distance matrix never exists in memory.
 
-``mode="exact"``: ``|c|^2 - 2 u.c`` in float32 (``ieee`` dot, no TF32) with the precomputed float32 norms,
-the formula of the op's reference. ``mode="reference"``: the official bf16 ``cdist`` arithmetic, each
+``mode="exact"``: ``|c|^2 - 2 u.c`` in float32 with the precomputed float32 norms, the formula of the op's
+reference. With bf16/fp16 codebooks the product runs on the tensor cores: the float32 u is split into
+SPLIT parts of the codebook dtype, u = u_hi + u_mid (+ u_lo), and ``sum_p u_p . c`` is accumulated in
+one float32 accumulator, where every product of two 16-bit values is exact. Three bf16 parts (8
+significant bits each) hold a float32 exactly; two fp16 parts (11 bits each) leave a 2^-22 relative
+remainder (and need |u| < 65504, which a LayerNorm output with moderate weights satisfies). So the
+distances carry float32 accumulation error only, as the reference's do. Float32 codebooks use an IEEE
+float32 ``tl.dot`` (FMA units, no TF32). ``mode="reference"``: the official bf16 ``cdist`` arithmetic, each
 rounding step emulated with a cast to the input dtype (LayerNorm output, squares and norms, the augmented
 GEMM output, clamp, sqrt, square). Bit parity with a GEMM library is not guaranteed for near-ties in
 bf16/fp16: the float32 accumulation order of the GEMM differs, and a one-ulp difference before the bf16
@@ -19,16 +25,35 @@ import triton
 import triton.language as tl
 
 from ._dot import tie_exact_dot
-from ._rounding import interpreted, round_to
+from ._rounding import cast_rne, interpreted, round_to
 
-# (BLOCK_N rows, BLOCK_K codes, num_warps), keyed by the dtype the tile GEMM runs in. BLOCK_D is the
-# group dim rounded up to a power of two, at least 16 (the minimum K-dim of tl.dot).
+# (BLOCK_N rows, BLOCK_K codes, num_warps, NUM_STAGES, SPLIT parts of u), keyed by (exact mode, the
+# codebook dtype, which the tile GEMM reads). BLOCK_D is the group dim rounded up to a power of two, at
+# least 16 (the minimum K-dim of tl.dot). NUM_STAGES pipelines the code-tile loop (the |c|^2 loads
+# included); None keeps the launch default (3 stages of the code tiles). Sized on the sm_90a build at
+# d = 128 (tests/build/test_triton_compile.py):
+# - exact 16-bit: two warpgroups of 64 rows share each [128 x 128] code tile (wgmma), halving the L2
+#   traffic of 64-row programs (which would need ~4.8 TB/s of L2 reads at the tensor-core rate of 3
+#   bf16 parts, near what an H100/H200 L2 delivers); the u parts (96 KiB in bf16) and two code-tile
+#   stages (64 KiB) fit in shared memory; no stack.
+# - exact float32: the IEEE FMA dot holds both operand slices for the whole d in registers, so it needs
+#   few accumulators per thread: 32 x 64 on 8 warps takes 64 registers (on 4 warps it spilled 632 bytes
+#   of stack per thread).
 _BLOCKS = {
-    torch.float32: (32, 64, 4),
-    torch.bfloat16: (64, 128, 4),
-    torch.float16: (64, 128, 4),
+    (False, torch.float32): (32, 64, 4, None, 1),
+    (False, torch.bfloat16): (64, 128, 4, None, 1),
+    (False, torch.float16): (64, 128, 4, None, 1),
+    (True, torch.float32): (32, 64, 8, 3, 1),
+    (True, torch.bfloat16): (128, 128, 8, 2, 3),
+    (True, torch.float16): (128, 128, 8, 2, 2),
 }
 _MIN_DOT_DIM = 16
+# Exact 16-bit tiles for groups wider than 128 (BLOCK_D 256): the u parts and code tiles double, and the
+# tiles above would need 320 KiB of shared memory; one warpgroup on 64 x 64 tiles takes 160 KiB.
+_WIDE_EXACT_BLOCKS = (64, 64, 4)
+# Under the interpreter the tile product is a [BLOCK_N, BLOCK_D, BLOCK_K] broadcast (_dot.tie_exact_dot),
+# and Triton caps a tensor at 2^20 elements: 64 x 128 x 128 at d = 128.
+_INTERPRETER_BLOCK_N = 64
 
 
 @triton.jit
@@ -80,7 +105,9 @@ def _codebook_argmin_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     EXACT: tl.constexpr,
+    SPLIT: tl.constexpr,  # EXACT: parts of u in the codebook dtype (1: float32 codebook, float32 dot)
     UPCAST_DOT: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,
 ):
@@ -111,7 +138,15 @@ def _codebook_argmin_kernel(
     u = tl.where(q_mask, u, 0.0)
 
     if EXACT:
-        query = u
+        if SPLIT > 1:
+            # u = u_hi + u_mid (+ u_lo) in the codebook dtype, each part the rounded remainder of the
+            # previous ones (exact float32 subtractions), so that the tile GEMM runs on tensor cores.
+            cb_dtype = cb_ptr.dtype.element_ty
+            u_hi = cast_rne(u, cb_dtype, BF16_BY_BITS)
+            rest = u - u_hi.to(tl.float32)
+            u_mid = cast_rne(rest, cb_dtype, BF16_BY_BITS)
+            if SPLIT == 3:
+                u_lo = cast_rne(rest - u_mid.to(tl.float32), cb_dtype, BF16_BY_BITS)
     else:
         # F.layer_norm rounds its output to the input dtype; |u|^2 is a sum of rounded squares, rounded.
         u = round_to(u, in_dtype, BF16_BY_BITS)
@@ -125,7 +160,7 @@ def _codebook_argmin_kernel(
     best_dist = tl.full((BLOCK_N,), float("inf"), tl.float32)
     best_code = tl.zeros((BLOCK_N,), tl.int32)
     cb_group = cb_ptr + group * stride_cb_group
-    for k0 in range(0, num_codes, BLOCK_K):
+    for k0 in tl.range(0, num_codes, BLOCK_K, num_stages=NUM_STAGES):
         codes = k0 + tl.arange(0, BLOCK_K)
         code_mask = codes < num_codes
         # The tile is loaded transposed ([BLOCK_D, BLOCK_K]) so that it is the right operand of the dot.
@@ -134,15 +169,27 @@ def _codebook_argmin_kernel(
             mask=dim_mask[:, None] & code_mask[None, :],
             other=0.0,
         )
+        # Exact mode: +inf past the last code makes their distance +inf (their dot is 0), one select
+        # per element fewer than masking the distances.
         c_sqnorm = tl.load(
             sqnorms_ptr + group * stride_sqnorms_group + codes * stride_sqnorms_code,
             mask=code_mask,
-            other=0.0,
+            other=float("inf") if EXACT else 0.0,
         ).to(tl.float32)
         # Ties: the lowest code inside the tile, and a later tile wins only if strictly smaller.
         if EXACT:
-            dot = tie_exact_dot(query, codes_t.to(tl.float32), UPCAST_DOT)
-            dist = tl.where(code_mask[None, :], c_sqnorm[None, :] - 2.0 * dot, float("inf"))
+            if SPLIT == 1:
+                dot = tie_exact_dot(u, codes_t.to(tl.float32), UPCAST_DOT)
+            else:
+                # Smallest part first. The compiler folds each `acc + dot(a, b)` into one chain of
+                # wgmma on a single float32 accumulator (no extra adds, no second accumulator).
+                if SPLIT == 3:
+                    dot = tie_exact_dot(u_lo, codes_t, UPCAST_DOT)
+                    dot = dot + tie_exact_dot(u_mid, codes_t, UPCAST_DOT)
+                else:
+                    dot = tie_exact_dot(u_mid, codes_t, UPCAST_DOT)
+                dot = dot + tie_exact_dot(u_hi, codes_t, UPCAST_DOT)
+            dist = c_sqnorm[None, :] - 2.0 * dot
             tile_dist = tl.min(dist, axis=1)
             last_tied = tile_dist  # the codes at the tile's minimum distance: dist <= last_tied
         else:
@@ -171,7 +218,8 @@ def _codebook_argmin_kernel(
     tl.store(ids_ptr + rows * stride_ids_row + group * stride_ids_group, ids, mask=row_mask)
 
 
-# The interpreter (TRITON_INTERPRET=1 when the kernel was decorated) needs the two workarounds below.
+# The interpreter (TRITON_INTERPRET=1 when the kernel was decorated) needs the workarounds below: a
+# smaller row tile, another tile product and bf16 rounding on the bits.
 _INTERPRETED = interpreted(_codebook_argmin_kernel)
 
 
@@ -201,8 +249,12 @@ def codebook_argmin(
     assert mode in ("exact", "reference"), mode
     assert z.stride(-1) == 1, "z must have a contiguous last dim"
     assert not exact or codebook_sqnorms is not None, "mode='exact' needs codebook_sqnorms"
-    dot_dtype = torch.float32 if exact else z.dtype
-    block_n, block_k, num_warps = _BLOCKS[dot_dtype]
+    block_n, block_k, num_warps, num_stages, split = _BLOCKS[exact, codebooks.dtype]
+    block_d = max(_MIN_DOT_DIM, triton.next_power_of_2(dim))
+    if split > 1 and block_d > 128:
+        block_n, block_k, num_warps = _WIDE_EXACT_BLOCKS
+    if _INTERPRETED:
+        block_n = min(block_n, _INTERPRETER_BLOCK_N)
     # Reference mode: |c|^2 as the official cdist computes it (squares and sum in the input dtype),
     # once per call ([G, K], one pass over the codebooks) instead of once per code tile in every
     # program; and by torch's own sum, as the op's reference does.
@@ -234,8 +286,10 @@ def codebook_argmin(
         DIM=dim,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_D=max(_MIN_DOT_DIM, triton.next_power_of_2(dim)),
+        BLOCK_D=block_d,
+        NUM_STAGES=num_stages,
         EXACT=exact,
+        SPLIT=split,
         # The interpreter needs another tile product (_dot.tie_exact_dot) and bf16 rounding (_rounding).
         UPCAST_DOT=_INTERPRETED,
         BF16_BY_BITS=_INTERPRETED,

@@ -341,8 +341,157 @@ def test_triton_near_ties_follow_the_float32_distance(device):
         assert torch.equal(got.cpu(), brute_force(*(t.cpu() for t in (z, weight, bias, near)), 0))
 
 
+# The parts of the float32 u that the exact mode's tensor-core path splits u into, per codebook dtype
+# (triton_kernels/codebook_argmin.py, csrc/codebook_argmin.cu): the precision the tests below demand.
+EXACT_SPLIT = {torch.bfloat16: 3, torch.float16: 2}
+
+
+def split_remainder(u, dtype, parts):
+    """float32 ``u`` minus its first ``parts`` parts in ``dtype``, each the rounded remainder of the
+    previous ones (every subtraction exact): what a tile product of those parts would miss."""
+    for _ in range(parts):
+        u = u - u.to(dtype).float()
+    return u
+
+
+def _exact_launch(z, weight, bias, codebooks, *, device):
+    """Exact-mode ids from the triton launcher on ``device``, written into a buffer poisoned with -1
+    (row stride 2G, group stride 2), whose other entries must stay -1."""
+    n, groups = z.shape[0], codebooks.shape[0]
+    z, weight, bias, codebooks = (t.to(device) for t in (z, weight, bias, codebooks))
+    sqnorms = codebooks.float().square().sum(-1)
+    buffer = torch.full((n + 3, 2 * groups), -1, dtype=torch.int64, device=device)
+    ids = buffer[:n, ::2]
+    kernels = triton_kernels.kernels_for("codebook_argmin", z)
+    kernels.codebook_argmin(
+        z, weight, bias, codebooks, sqnorms, ids, vocab_offset=5, mode="exact", eps=1e-5
+    )
+    assert bool((buffer[:, 1::2] == -1).all()) and bool((buffer[n:] == -1).all())
+    return ids.cpu()
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, codes, dim", [(1, 67, 16), (7, 100, 72), (130, 300, 128)])
+def test_triton_exact_mode_16bit_matches_reference(n, codes, dim, dtype, device):
+    """The tensor-core path of ``mode="exact"`` (u split into 16-bit parts): one row; 130 rows, a tail
+    row block for the GPU's 128-row and the interpreter's 64-row tiles; K no multiple of the code tile;
+    d = 16, 72 (padded to a 128-wide tile) and 128. Ids are poisoned first."""
+    z, weight, bias, codebooks = (
+        t.to(dtype) for t in make_codebook_inputs(n, groups=2, codes=codes, dim=dim, seed=n)
+    )
+    want = ops.codebook_argmin(
+        z, weight, bias, codebooks, vocab_offset=5, mode="exact", backend="torch"
+    )
+    assert torch.equal(_exact_launch(z, weight, bias, codebooks, device=device), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "z_dtype, codebook_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
+def test_triton_exact_mode_mixed_dtypes(z_dtype, codebook_dtype, device):
+    """Exact mode takes z and codebooks in different dtypes: float32 queries split over bf16 codes
+    (tensor cores), and bf16 queries against float32 codes (the IEEE float32 product)."""
+    z, weight, bias, codebooks = make_codebook_inputs(65, groups=2, codes=200, dim=32, seed=4)
+    z, weight, bias = (t.to(z_dtype) for t in (z, weight, bias))
+    codebooks = codebooks.to(codebook_dtype)
+    want = ops.codebook_argmin(
+        z, weight, bias, codebooks, vocab_offset=5, mode="exact", backend="torch"
+    )
+    assert torch.equal(_exact_launch(z, weight, bias, codebooks, device=device), want)
+
+
+# Index pairs (winner, runner-up) of the near ties below: same tile, across the 64- and 128-code tile
+# edges, the first tile against the tail tile (K = 300), in both orders.
+NEAR_TIE_PAIRS = [(1, 0), (63, 64), (128, 127), (5, 299), (290, 10), (200, 250)]
+NEAR_TIE_MARGIN = 2.5e-4  # ~8 float32 ulps of the terms |c|^2 and 2 u.c (~ 2.5 10^2)
+
+
+def near_tie_codebooks(z, weight, bias, *, codes, dtype, seed):
+    """[G, K, d] ``dtype`` codebooks in which row r's two nearest codes in group g sit at the pair
+    ``NEAR_TIE_PAIRS[(r + g) % 6]``, and [n, G] the index of the nearer one.
+
+    The two codes are ``p + s`` and ``p - s``: p is u (the reference's float32 LayerNorm output) on a
+    2^-4 grid and s in {-1, 0, 1}^d, so both are exact in bf16 and fp16 and are ~|s|^2 from u, while
+    the other (LayerNormed random) codes are ~|u|^2 + d away. Their distance gap is -4 s.(u - p); s
+    starts as the sign of what a split with one part fewer than the kernel's misses (``split_remainder``),
+    and a few entries are then zeroed or negated until that gap is at least NEAR_TIE_MARGIN while the
+    truncated u sees the opposite order, also by at least the margin.
+    """
+    groups, dim = weight.shape
+    gen = torch.Generator().manual_seed(seed)
+    codebooks = F.layer_norm(torch.randn(groups, codes, dim, generator=gen), (dim,))
+    codebooks = codebooks.to(dtype).float()  # the float64 checks below see the kernel's codes
+    nearer = torch.empty(z.shape[0], groups, dtype=torch.int64)
+    for g in range(groups):
+        u = F.layer_norm(
+            z[:, g * dim : (g + 1) * dim].float(),
+            (dim,),
+            weight[g].float(),
+            bias[g].float(),
+            1e-5,
+        )
+        missed = split_remainder(u, dtype, EXACT_SPLIT[dtype] - 1).double()
+        for row in range(z.shape[0]):
+            p = (u[row] * 16).round() / 16
+            offset = u[row].double() - p.double()  # u - p
+            s = torch.where(missed[row] < 0, -1.0, 1.0).double()
+            # Gap (nearer - farther) = -4 s.offset must lie in [-(flip - margin), -margin], where
+            # flip = 4 s.missed is how much the truncated u moves it.
+            for _ in range(10):
+                flip = 4 * float(s @ missed[row])
+                gap = -4 * float(s @ offset)
+                if -(flip - NEAR_TIE_MARGIN) <= gap <= -NEAR_TIE_MARGIN:
+                    break
+                # Apply the one or two moves (an entry of s to 0 or to its negative) that bring gap
+                # closest to the middle of the window; [i, i] is move i alone, two moves of one
+                # entry are excluded.
+                moves = torch.cat([-s, -2 * s])  # new s_i - s_i, two per entry
+                shift = -4 * moves * offset.repeat(2)
+                total = shift[:, None] + shift[None, :]
+                total.diagonal().copy_(shift)
+                entry = torch.arange(2 * dim) % dim
+                twice = (entry[:, None] == entry[None, :]) & ~torch.eye(2 * dim, dtype=torch.bool)
+                total[twice] = float("inf")
+                i, j = divmod(int((gap + total + flip / 2).abs().argmin()), 2 * dim)
+                s[i % dim] += moves[i]
+                if j != i:
+                    s[j % dim] += moves[j]
+            first, second = NEAR_TIE_PAIRS[(row + g) % len(NEAR_TIE_PAIRS)]
+            codebooks[g, first] = (p.double() + s).float()
+            codebooks[g, second] = (p.double() - s).float()
+            nearer[row, g] = first
+            # The case means what it says (float64 distances): p + s wins by the margin, and loses by
+            # the margin when u is truncated to one part fewer.
+            for query, sign in ((u[row].double(), 1), (u[row].double() - missed[row], -1)):
+                dists = (codebooks[g].double() - query).square().sum(-1)
+                gap = float(dists[first] - dists[second])
+                assert sign * gap <= -NEAR_TIE_MARGIN, (row, g, sign, gap)
+                assert int(dists.argmin()) in (first, second)
+    assert torch.equal(codebooks.to(dtype).float(), codebooks)  # the near-tie codes are exact
+    return codebooks.to(dtype), nearer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_exact_mode_resolves_float32_near_ties(dtype, device):
+    """Near ties 2.5e-4 apart on distances ~10^2 (~8 float32 ulps of the terms ~2.5 10^2), that a
+    product with one part of u fewer than the kernel's would resolve the other way: the 16-bit tile
+    products must carry u to float32 precision. The reference agrees with the float64 winner."""
+    z, weight, bias, _ = make_codebook_inputs(6, groups=2, dim=128, seed=31)
+    z, weight, bias = (t.to(dtype) for t in (z, weight, bias))
+    codebooks, nearer = near_tie_codebooks(z, weight, bias, codes=300, dtype=dtype, seed=32)
+    want = nearer + 5 + 300 * torch.arange(2)
+    reference = ops.codebook_argmin(
+        z, weight, bias, codebooks, vocab_offset=5, mode="exact", backend="torch"
+    )
+    assert torch.equal(reference, want)
+    assert torch.equal(_exact_launch(z, weight, bias, codebooks, device=device), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["exact", "reference"])
 def test_triton_launcher_fills_only_its_ids_and_reads_strided_rows(mode, dtype, device):
     """Direct launch: ids poisoned with -1 inside a wider buffer, z rows sliced from a NaN-padded tensor."""
