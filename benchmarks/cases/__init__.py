@@ -69,6 +69,7 @@ def all_cases() -> dict[str, Case]:
         dit_attention,
         head_select,
         rms_norm,
+        silu_mul,
     )
 
     cases = (
@@ -79,6 +80,7 @@ def all_cases() -> dict[str, Case]:
         decode_attention.CASE,
         attention.CASE,
         rms_norm.CASE,
+        silu_mul.CASE,
     )
     return {case.name: case for case in cases}
 

@@ -1,8 +1,10 @@
 """``rms_norm`` at Qwen3 decode shapes (kelix-ar.md §4.2, §4.3) and its official-style baseline.
 
-Two workloads per LLM layer and decode step, bf16: ``residual`` normalises the [B, 4096] residual stream
-(``sa_norm`` / ``mlp_norm``); ``qk_rope`` normalises the [B, 1, 32, 128] queries per head and rotates them
-(QK-norm + RoPE in one pass; the keys are the same with 8 heads). Tiny and bandwidth-bound: at decode
+Three workloads per LLM layer and decode step, bf16: ``residual`` normalises the [B, 4096] residual stream
+(``sa_norm`` / ``mlp_norm``); ``add_residual`` is the same norm with the residual add before it fused
+in (``ops.add_rms_norm``: what the LLM runs, twice per layer, except the first layer's first norm);
+``qk_rope`` normalises the [B, 1, 32, 128] queries per head and rotates them (QK-norm + RoPE in one pass;
+the keys are the same with 8 heads). Tiny and bandwidth-bound: at decode
 sizes the eager baseline's cost is its kernel launches (about 6 for the norm, 8 more for the rotation),
 which is what fusing removes. Baseline: the official eager arithmetic (float32 upcast, ``pow``, ``mean``,
 ``rsqrt``, cast, weight; then ``rotate_half`` by ``cat`` in float32).
@@ -27,13 +29,14 @@ def points(quick: bool) -> list[Point]:
     constants, batches = (_QUICK, _QUICK_B) if quick else (_FULL, _FULL_B)
     return [
         {"workload": workload, "B": b, **constants, "dtype": _DTYPE}
-        for workload in ("residual", "qk_rope")
+        | ({"op": "add_rms_norm"} if workload == "add_residual" else {})
+        for workload in ("residual", "add_residual", "qk_rope")
         for b in batches
     ]
 
 
 def _shape(point: Point) -> tuple[int, ...]:
-    if point["workload"] == "residual":
+    if point["workload"] != "qk_rope":
         return (point["B"], point["dim"])
     return (point["B"], 1, point["heads"], point["head_dim"])
 
@@ -41,14 +44,16 @@ def _shape(point: Point) -> tuple[int, ...]:
 def flops(point: Point) -> int:
     """About 4 per element for the norm (square, sum, scale, weight), 3 more for the rotation."""
     elements = torch.Size(_shape(point)).numel()
-    return elements * (4 if point["workload"] == "residual" else 7)
+    return elements * {"residual": 4, "add_residual": 5, "qk_rope": 7}[point["workload"]]
 
 
 def nbytes(point: Point) -> int:
-    """x read and the output written (bf16), the weight, and (qk_rope) the float32 cos/sin rows."""
+    """x read and the output written (bf16), the weight; add_residual: the residual read and the sum
+    written too; qk_rope: the float32 cos/sin rows."""
     shape = _shape(point)
     size = torch.empty((), dtype=getattr(torch, point["dtype"])).element_size()
-    total = 2 * torch.Size(shape).numel() * size + shape[-1] * size
+    rows = 4 if point["workload"] == "add_residual" else 2
+    total = rows * torch.Size(shape).numel() * size + shape[-1] * size
     if point["workload"] == "qk_rope":
         total += 2 * point["B"] * (point["head_dim"] // 2) * 4
     return total
@@ -60,7 +65,8 @@ def make_shared(point: Point, device: torch.device) -> Tensors:
 
 
 def make_inputs(point: Point, shared: Tensors, seed: int) -> Tensors:
-    """x (unit normal), a weight near 1 and, for qk_rope, one position's cos/sin per request."""
+    """x (unit normal), a weight near 1 and, for add_residual, a residual stream (unit normal); for
+    qk_rope, one position's cos/sin per request."""
     device = shared["anchor"].device
     gen = torch.Generator(device=device).manual_seed(seed)
     shape, dtype = _shape(point), getattr(torch, point["dtype"])
@@ -68,6 +74,8 @@ def make_inputs(point: Point, shared: Tensors, seed: int) -> Tensors:
         "x": torch.randn(shape, generator=gen, device=device).to(dtype),
         "weight": (1 + 0.1 * torch.randn(shape[-1], generator=gen, device=device)).to(dtype),
     }
+    if point["workload"] == "add_residual":
+        inputs["residual"] = torch.randn(shape, generator=gen, device=device).to(dtype)
     if point["workload"] == "qk_rope":
         half = point["head_dim"] // 2
         angles = torch.rand(point["B"], 1, half, generator=gen, device=device) * 6.3
@@ -76,6 +84,11 @@ def make_inputs(point: Point, shared: Tensors, seed: int) -> Tensors:
 
 
 def run(point: Point, inputs: Tensors, backend: str) -> torch.Tensor:
+    """The normalised rows (add_residual: the sum is checked by tests/ops, not here)."""
+    if "residual" in inputs:
+        return ops.add_rms_norm(
+            inputs["x"], inputs["residual"], inputs["weight"], eps=_EPS, backend=backend
+        )[0]
     rope = {}
     if "cos" in inputs:
         rope = {"rope_cos": inputs["cos"], "rope_sin": inputs["sin"]}
@@ -83,8 +96,9 @@ def run(point: Point, inputs: Tensors, backend: str) -> torch.Tensor:
 
 
 def baseline(point: Point, inputs: Tensors, shared: Tensors) -> torch.Tensor:
-    """The official RMSNorm module, then (qk_rope) the official ``rotate_half`` RoPE."""
-    x = inputs["x"]
+    """The residual add (add_residual), the official RMSNorm module, then (qk_rope) the official
+    ``rotate_half`` RoPE."""
+    x = inputs["x"] + inputs["residual"] if "residual" in inputs else inputs["x"]
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _EPS)).to(x.dtype)
     normed = normed * inputs["weight"]

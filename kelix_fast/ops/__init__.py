@@ -5,10 +5,11 @@ Models call these; they never launch kernels themselves (ARCHITECTURE.md, "Ops")
 PyTorch code that is the op's spec, and the route by which tests and benchmarks check every kernel.
 
 The ops live in modules named after what they compute, never after an op, so that no function shadows
-a module: ``codebook`` (``codebook_argmin``), ``embedding`` (``block_embed``), ``selection``
-(``head_select``), ``flash_attention`` (``attention``), ``decode_attention`` (``cached_attention``),
-``dit_attention`` (``linear_attention``, ``cross_attention``) and ``norm`` (``rms_norm``,
-``rotate_half_rope``). Each kernel file of ``kelix_fast.triton_kernels`` and ``csrc/`` carries the name
+a module: ``activation`` (``silu_mul``), ``codebook`` (``codebook_argmin``), ``embedding``
+(``block_embed``), ``selection`` (``head_select``), ``flash_attention`` (``attention``),
+``decode_attention`` (``cached_attention``), ``dit_attention`` (``linear_attention``,
+``cross_attention``) and ``norm`` (``rms_norm``,
+``add_rms_norm``, ``rotate_half_rope``). Each kernel file of ``kelix_fast.triton_kernels`` and ``csrc/`` carries the name
 of its op, except the two attention kernels, named like their ops modules after their algorithm:
 ``flash_attention`` and ``decode_attention``.
 """
@@ -19,6 +20,7 @@ import torch
 
 from kelix_fast.ops import (
     _dispatch,
+    activation,
     codebook,
     decode_attention,
     dit_attention,
@@ -29,18 +31,20 @@ from kelix_fast.ops import (
 )
 from kelix_fast.ops._checks import trusted_values
 from kelix_fast.ops._dispatch import BACKENDS, BackendUnavailableError
+from kelix_fast.ops.activation import silu_mul
 from kelix_fast.ops.codebook import codebook_argmin
 from kelix_fast.ops.decode_attention import cached_attention
 from kelix_fast.ops.dit_attention import cross_attention, linear_attention
 from kelix_fast.ops.embedding import block_embed
 from kelix_fast.ops.flash_attention import attention
-from kelix_fast.ops.norm import rms_norm, rotate_half_rope
+from kelix_fast.ops.norm import add_rms_norm, rms_norm, rotate_half_rope
 from kelix_fast.ops.selection import head_select
 
 __all__ = [
     "BACKENDS",
     "OPS",
     "BackendUnavailableError",
+    "add_rms_norm",
     "attention",
     "block_embed",
     "cached_attention",
@@ -51,11 +55,13 @@ __all__ = [
     "resolve_backend",
     "rms_norm",
     "rotate_half_rope",
+    "silu_mul",
     "trusted_values",
     "use_backends",
 ]
 
 _TABLES = {
+    "add_rms_norm": norm._IMPLS,  # the rms_norm kernels in their residual mode
     "attention": flash_attention._ATTENTION_IMPLS,
     "cached_attention": decode_attention._IMPLS,
     "block_embed": embedding._IMPLS,
@@ -64,6 +70,7 @@ _TABLES = {
     "head_select": selection._IMPLS,
     "linear_attention": dit_attention._LINEAR_IMPLS,
     "rms_norm": norm._IMPLS,
+    "silu_mul": activation._IMPLS,
 }
 
 

@@ -1,4 +1,5 @@
-"""``rms_norm``: RMSNorm, optionally followed by the rotate-half RoPE (the Qwen3 QK-norm + RoPE) in one pass.
+"""``rms_norm``: RMSNorm, optionally followed by the rotate-half RoPE (the Qwen3 QK-norm + RoPE) in one pass;
+``add_rms_norm``: the residual stream's add and the next RMSNorm in one pass.
 
 At decode time every LLM layer normalises a handful of rows (the residual stream twice, q and k once
 each, then rotates q and k): unfused, that is about 25 tiny kernels per layer, 900 per step, whose fixed
@@ -17,6 +18,7 @@ from kelix_fast import triton_kernels
 from kelix_fast.ops import _checks, _dispatch
 
 _OP = "rms_norm"
+_ADD_OP = "add_rms_norm"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -45,14 +47,8 @@ def rms_norm(
     Returns:
         [..., D] in x's dtype (a new contiguous tensor).
     """
-    _checks.tensor(_OP, "x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{_OP}: x must have shape [..., D] with D >= 1, got {list(x.shape)}")
+    _check_norm(_OP, x, weight)
     dim = x.shape[-1]
-    _checks.dtype(_OP, "x", x, _FLOAT_DTYPES)
-    _checks.shape(_OP, "weight", weight, (dim,), "D")
-    _checks.same_dtype(_OP, x=x, weight=weight)
-    _checks.same_device(_OP, x=x, weight=weight)
     # > 0: an all-zero row would divide 0 by 0 (NaN) with eps = 0.
     eps = _checks.number(_OP, "eps", eps, minimum=0, strict=True)
     if (rope_cos is None) != (rope_sin is None):
@@ -73,6 +69,55 @@ def rms_norm(
     return out
 
 
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    eps: float,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (in x's dtype), then ``rms_norm(s)``: returns ``(rms_norm(s), s)``.
+
+    A transformer layer's ``h = h + sublayer(norm(h))`` followed by the next ``norm(h)``: the add and
+    the norm read the row once and cost one launch instead of two. ``s`` is rounded to x's dtype
+    exactly as a separate ``x + residual`` is, so results equal the unfused pair bit for bit on the
+    reference.
+
+    Args:
+        x: [..., D] float32/bfloat16/float16 (a sublayer's output).
+        residual: x's shape and dtype (the residual stream).
+        weight: [D], dtype of ``x``.
+        eps: added to the mean square, finite, > 0.
+        backend: ``"auto" | "triton" | "torch"`` (the backends of :func:`rms_norm`).
+
+    Returns:
+        ``(out, s)``: both [..., D] in x's dtype, new contiguous tensors.
+    """
+    _checks.tensor(_ADD_OP, "residual", residual)
+    _check_norm(_ADD_OP, x, weight)
+    _checks.shape(_ADD_OP, "residual", residual, tuple(x.shape), "x's shape")
+    _checks.same_dtype(_ADD_OP, x=x, residual=residual)
+    _checks.same_device(_ADD_OP, x=x, residual=residual)
+    eps = _checks.number(_ADD_OP, "eps", eps, minimum=0, strict=True)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = torch.empty_like(out)
+    impl = _dispatch.pick(_ADD_OP, _IMPLS, backend, x, weight)
+    impl.run(x, weight, eps, None, None, out, residual, summed)
+    return out, summed
+
+
+def _check_norm(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """x: [..., D] of a float dtype, weight: [D] of x's dtype and device."""
+    _checks.tensor(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have shape [..., D] with D >= 1, got {list(x.shape)}")
+    _checks.dtype(op, "x", x, _FLOAT_DTYPES)
+    _checks.shape(op, "weight", weight, (x.shape[-1],), "D")
+    _checks.same_dtype(op, x=x, weight=weight)
+    _checks.same_device(op, x=x, weight=weight)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The reference RMSNorm: ``(x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight``."""
     xf = x.float()
@@ -90,16 +135,21 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def _reference(x, weight, eps, cos, sin, out) -> None:
+def _reference(x, weight, eps, cos, sin, out, residual=None, summed=None) -> None:
+    if residual is not None:
+        x = summed.copy_(x + residual)
     normed = rms_norm_reference(x, weight, eps)
     if cos is not None:
         normed = rotate_half_rope(normed, cos[..., None, :], sin[..., None, :])
     out.copy_(normed)
 
 
-def _triton(x, weight, eps, cos, sin, out) -> None:
+def _triton(x, weight, eps, cos, sin, out, residual=None, summed=None) -> None:
     kernels = triton_kernels.kernels_for("rms_norm", x)
-    kernels.rms_norm(x, weight, eps, cos, sin, out)
+    if residual is not None:
+        # The kernel reads the residual as dense rows (the engine's activations are contiguous).
+        x, residual = x.contiguous(), residual.contiguous()
+    kernels.rms_norm(x, weight, eps, cos, sin, out, residual, summed)
 
 
 _IMPLS = {

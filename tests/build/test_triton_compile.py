@@ -31,16 +31,24 @@ from kelix_fast.triton_kernels import cross_attention, linear_attention
 from kelix_fast.triton_kernels import flash_attention
 from kelix_fast.triton_kernels import decode_attention
 from kelix_fast.triton_kernels import rms_norm
+from kelix_fast.triton_kernels import silu_mul
 
 def codebook_config(dtype, exact):
-    block_n, block_k, num_warps = codebook_argmin._BLOCKS[
-        codebook_argmin.torch.float32 if exact else getattr(codebook_argmin.torch, dtype)]
+    # Kelix-Tok: G 8, K 8192, d 128, contiguous tensors, whose unit strides a launch specializes.
+    block_n, block_k, num_warps, num_stages, split = codebook_argmin._BLOCKS[
+        exact, getattr(codebook_argmin.torch, dtype)]
     pointers = {"z_ptr": dtype, "ln_w_ptr": dtype, "ln_b_ptr": dtype, "cb_ptr": dtype,
                 "sqnorms_ptr": "float32", "ids_ptr": "int64"}
-    constexprs = {"DIM": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": 128,
-                  "EXACT": exact, "UPCAST_DOT": False, "BF16_BY_BITS": False}
+    constexprs = {"stride_ln_w_dim": 1, "stride_ln_b_dim": 1, "stride_cb_dim": 1, "stride_sqnorms_code": 1,
+                  "stride_ids_group": 1, "DIM": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": 128,
+                  "NUM_STAGES": num_stages, "EXACT": exact, "SPLIT": split, "UPCAST_DOT": False,
+                  "BF16_BY_BITS": False}
+    ints = {"num_codes": 8192, "stride_z_row": 1024, "stride_ln_w_group": 128, "stride_ln_b_group": 128,
+            "stride_cb_group": 8192 * 128, "stride_cb_code": 128, "stride_sqnorms_group": 8192,
+            "stride_ids_row": 8}
     name = f"codebook_argmin-{dtype}-{'exact' if exact else 'reference'}"
-    return name, codebook_argmin._codebook_argmin_kernel, pointers, {"eps": "fp32"}, constexprs, num_warps
+    return (name, codebook_argmin._codebook_argmin_kernel, pointers, {"eps": "fp32"}, constexprs, num_warps,
+            ints)
 
 def block_embed_config(dtype):
     block_rows, block_d, num_warps = block_embed._BLOCKS["gpu"]
@@ -92,7 +100,8 @@ def cross_attention_config(dtype):
             constexprs, num_warps)
 
 FLASH_MASKS = {"bidirectional": flash_attention.BIDIRECTIONAL, "causal": flash_attention.CAUSAL,
-               "block_causal": flash_attention.KEY_END,  # block-causal runs on per-row key ends
+               "block_causal": flash_attention.BLOCK_CAUSAL,  # blocks of block_size rows
+               "block_ids": flash_attention.KEY_END,  # runs of block ids: per-row key ends
                "packed": flash_attention.KEY_RANGE}  # many short sequences as one pack
 
 def flash_attention_config(dtype, head_dim, mask, key_mask=0, max_seqlen=4096):
@@ -148,19 +157,34 @@ def decode_attention_merge_config(dtype):
     return (f"decode_attention-merge-{dtype}", decode_attention._decode_attention_merge_kernel, pointers,
             {}, constexprs, decode_attention._MERGE_WARPS)
 
-def rms_norm_config(dtype, dim, rope):
-    # The LLM's residual-stream norm (D 4096) and its fused QK-norm + RoPE (head dim 128).
-    pointers = {"x_ptr": dtype, "w_ptr": dtype, "out_ptr": dtype, "cos_ptr": "float32", "sin_ptr": "float32"}
+def rms_norm_config(dtype, dim, mode):
+    # The LLM's residual-stream norm (D 4096), with its residual add fused in, and its fused QK-norm
+    # + RoPE (head dim 128).
+    pointers = {"x_ptr": dtype, "w_ptr": dtype, "out_ptr": dtype, "residual_ptr": dtype, "sum_ptr": dtype,
+                "cos_ptr": "float32", "sin_ptr": "float32"}
+    rope = mode == "rope"
     block_d = dim // 2 if rope else dim
-    constexprs = {"BLOCK_ROWS": rms_norm._BLOCK_ROWS, "BLOCK_D": block_d, "ROPE": rope, "BF16_BY_BITS": False}
-    return (f"rms_norm-{'rope-' if rope else ''}{dtype}", rms_norm._rms_norm_kernel, pointers,
+    constexprs = {"BLOCK_ROWS": rms_norm._BLOCK_ROWS, "BLOCK_D": block_d, "ROPE": rope,
+                  "RESIDUAL": mode == "add", "BF16_BY_BITS": False}
+    return (f"rms_norm-{mode + '-' if mode else ''}{dtype}", rms_norm._rms_norm_kernel, pointers,
             {"eps": "fp32"}, constexprs, 4 if block_d <= 1024 else 8)
 
+def silu_mul_config(dtype):
+    # Qwen3-8B's MLP: I 12288 of a [n, 2I] gate/up projection, rows 2I apart (multiples of 16, which a
+    # launch specializes: the up half and every row start are 16-byte aligned).
+    pointers = {"x_ptr": dtype, "out_ptr": dtype}
+    constexprs = {"BLOCK_ROWS": silu_mul._BLOCK_ROWS, "BLOCK_H": silu_mul._BLOCK_H, "BF16_BY_BITS": False}
+    ints = {"n_cols": 12288, "stride_x_row": 2 * 12288}
+    return (f"silu_mul-{dtype}", silu_mul._silu_mul_kernel, pointers, {}, constexprs, silu_mul._NUM_WARPS,
+            ints)
+
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+PTXAS = os.path.join(os.path.dirname(CUOBJDUMP), "ptxas")
 workdir = tempfile.mkdtemp()
 TRITON_TYPES = {"bfloat16": "*bf16", "float32": "*fp32", "int64": "*i64", "uint8": "*u8", "int32": "*i32",
-                "bool": "*i1"}
+                "bool": "*i1", "float16": "*fp16"}
 configs = [codebook_config(dtype, exact) for dtype in ("bfloat16", "float32") for exact in (False, True)]
+configs += [codebook_config("float16", True)]
 configs += [block_embed_config(dtype) for dtype in ("bfloat16", "float32")]
 configs += [head_select_norm_config(dtype) for dtype in ("bfloat16", "float32")]
 configs += [head_select_scores_config(dtype, mode) for dtype in ("bfloat16", "float32")
@@ -173,13 +197,15 @@ configs += [flash_attention_config(dtype, head_dim, mask) for dtype in ("bfloat1
 configs += [flash_attention_config("bfloat16", 72, "bidirectional"),
             flash_attention_config("bfloat16", 128, "causal", key_mask=2),
             flash_attention_config("bfloat16", 128, "causal", max_seqlen=9),
+            flash_attention_config("bfloat16", 128, "block_ids"),
             flash_attention_config("bfloat16", 128, "packed"),
             flash_attention_config("float32", 128, "packed")]
 configs += [decode_attention_config(dtype, shape) for dtype in ("bfloat16", "float32")
             for shape in DECODE_SHAPES]
 configs += [decode_attention_merge_config(dtype) for dtype in ("bfloat16", "float32")]
-configs += [rms_norm_config(dtype, dim, rope) for dtype in ("bfloat16", "float32")
-            for dim, rope in ((4096, False), (128, True))]
+configs += [rms_norm_config(dtype, dim, mode) for dtype in ("bfloat16", "float32")
+            for dim, mode in ((4096, ""), (4096, "add"), (128, "rope"))]
+configs += [silu_mul_config(dtype) for dtype in ("bfloat16", "float32")]
 for name, kernel, pointers, scalars, constexprs, num_warps, *known in configs:
     # A launch specializes what Triton sees in the values: pointers are 16-byte aligned (torch
     # allocations are), and integers that are multiples of 16 (the known stride values) say so.
@@ -208,6 +234,15 @@ for name, kernel, pointers, scalars, constexprs, num_warps, *known in configs:
         f.write(compiled.asm["cubin"])
     usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], check=True, capture_output=True, text=True)
     registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout).groups())
+    # ptxas says (C7515) when it makes every wgmma wait for the previous one; triton drops its log.
+    serialized = False
+    if "wgmma" in ptx:
+        ptx_file = os.path.join(workdir, name + ".ptx")
+        with open(ptx_file, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", ptx_file, "-o", ptx_file + ".cubin"],
+                             check=True, capture_output=True, text=True)
+        serialized = "C7515" in log.stderr
     print(json.dumps({
         "name": name, "seconds": round(time.perf_counter() - start, 2),
         "target": ".target sm_90a" in ptx, "cubin_bytes": len(compiled.asm.get("cubin", b"")),
@@ -216,19 +251,24 @@ for name, kernel, pointers, scalars, constexprs, num_warps, *known in configs:
         # one 16-bit element per load instruction: what unaligned tiles of a 16-bit tensor compile to
         "scalar_16bit_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", ptx)),
         "async_copies": ptx.count("cp.async"),
-        "registers": registers, "stack_bytes": stack,
+        "registers": registers, "stack_bytes": stack, "wgmma_serialized": serialized,
     }), flush=True)
 """
 
 CONFIGS = [
     "rms_norm-bfloat16",
     "rms_norm-float32",
+    "rms_norm-add-bfloat16",
+    "rms_norm-add-float32",
     "rms_norm-rope-bfloat16",
     "rms_norm-rope-float32",
+    "silu_mul-bfloat16",
+    "silu_mul-float32",
     "codebook_argmin-bfloat16-reference",
     "codebook_argmin-bfloat16-exact",
     "codebook_argmin-float32-reference",
     "codebook_argmin-float32-exact",
+    "codebook_argmin-float16-exact",
     "block_embed-bfloat16",
     "block_embed-float32",
     "head_select-norm-bfloat16",
@@ -256,6 +296,7 @@ CONFIGS = [
     "flash_attention-bidirectional-bfloat16-hd72",
     "flash_attention-causal-keybias-bfloat16-hd128",
     "flash_attention-causal-bfloat16-hd128-short",
+    "flash_attention-block-ids-bfloat16-hd128",
     "flash_attention-packed-bfloat16-hd128",
     "flash_attention-packed-float32-hd128",
     "decode_attention-decode-bfloat16",
@@ -311,6 +352,21 @@ def test_codebook_argmin_numerics_on_hopper(compiled: dict[str, dict]) -> None:
             assert not compiled[name]["tf32"], f"{name}: TF32 in the PTX"
 
 
+def test_codebook_argmin_exact_on_tensor_cores_without_spills(compiled: dict[str, dict]) -> None:
+    # Exact mode once ran a float32 tl.dot for every dtype: FMA units, and both operand slices for the
+    # whole d held per thread, 32 registers and ~4 KB of stack per thread at bf16 (54.6 ms on the H200
+    # at n = 4096 against 0.83 ms for reference mode). 16-bit codebooks now split u into bf16/fp16
+    # parts whose products are exact in the float32 accumulator: wgmma, and no stack. The float32
+    # configuration stays an IEEE FMA product, also without spills.
+    for name in ("codebook_argmin-bfloat16-exact", "codebook_argmin-float16-exact"):
+        assert compiled[name]["wgmma"], f"{name}: no wgmma"
+        assert not compiled[name]["wgmma_serialized"], f"{name}: ptxas serialized the wgmmas"
+    for name in CONFIGS:
+        if name.startswith("codebook_argmin") and name.endswith("-exact"):
+            stack = compiled[name]["stack_bytes"]
+            assert stack == 0, f"{name}: {stack} bytes of stack (spills)"
+
+
 def test_head_select_numerics_on_hopper(compiled: dict[str, dict]) -> None:
     # bf16 head tiles run on tensor cores; float32 stays IEEE so that greedy is the float32 argmax.
     for mode in ("greedy", "gumbel", "candidates"):
@@ -346,20 +402,31 @@ def test_flash_attention_on_hopper(compiled: dict[str, dict]) -> None:
             )
 
 
+def test_flash_attention_wgmma_chains_are_not_serialized(compiled: dict[str, dict]) -> None:
+    # With an unmasked and a masked key loop, ptxas serialized every wgmma of the kernel (C7515: each
+    # HGMMA waited for the previous one) in every 16-bit configuration but the packed one; one loop
+    # with a uniform mask branch lets the Q K^T and P V chains issue back to back.
+    for name in CONFIGS:
+        if name.startswith("flash_attention") and compiled[name]["wgmma"]:
+            assert not compiled[name]["wgmma_serialized"], f"{name}: ptxas serialized the wgmmas"
+
+
 def test_flash_attention_tiles_load_as_vectors_without_spills(compiled: dict[str, dict]) -> None:
     # The ViT's head dim 72 gives head strides that are not multiples of 16: without STRIDE_ALIGN every
     # bf16 element of a Q/K/V tile was its own 2-byte load and nothing was copied asynchronously (the
     # likely cause of Kelix-Tok's 318 ms at 980 px on the H200). And loop-carried tensors of 64-bit K/V
     # pointers made hd 128 (the LLM prefill) spill 192 bytes per thread at 255 registers; scalar tile
     # pointers plus int32 offsets take 177 and no stack. Every 16-bit configuration loads its tiles as
-    # 16-byte vectors through cp.async and spills nothing.
+    # 16-byte vectors through cp.async. No configuration spills: float32 ones did (656-776 bytes at 255
+    # registers) while the kernel had a second copy of the tile loop.
     for name in CONFIGS:
-        if name.startswith("flash_attention") and "bfloat16" in name:
+        if name.startswith("flash_attention"):
             fact = compiled[name]
-            assert fact["scalar_16bit_loads"] == 0, (
-                f"{name}: {fact['scalar_16bit_loads']} 2-byte loads"
-            )
-            assert fact["async_copies"], f"{name}: no cp.async"
+            if "bfloat16" in name:
+                assert fact["scalar_16bit_loads"] == 0, (
+                    f"{name}: {fact['scalar_16bit_loads']} 2-byte loads"
+                )
+                assert fact["async_copies"], f"{name}: no cp.async"
             assert fact["stack_bytes"] == 0, (
                 f"{name}: {fact['stack_bytes']} bytes of stack (spills)"
             )
@@ -375,3 +442,14 @@ def test_decode_attention_on_hopper(compiled: dict[str, dict]) -> None:
     for name in CONFIGS:
         if name.startswith("decode_attention"):
             assert compiled[name]["shared_bytes"] <= 232448, f"{name}: too much shared memory"
+
+
+def test_silu_mul_loads_vectors_without_spills(compiled: dict[str, dict]) -> None:
+    # A bandwidth-bound elementwise kernel: at I 12288 (a multiple of 16) the gate half, the up half
+    # and the output are 16-byte aligned, so every thread moves its 8 columns as 16-byte vectors (no
+    # 2-byte loads), and nothing spills (32 registers for bf16 when written).
+    assert compiled["silu_mul-bfloat16"]["scalar_16bit_loads"] == 0
+    for name in ("silu_mul-bfloat16", "silu_mul-float32"):
+        fact = compiled[name]
+        assert fact["stack_bytes"] == 0, f"{name}: {fact['stack_bytes']} bytes of stack"
+        assert fact["shared_bytes"] == 0, f"{name}: shared memory in an elementwise kernel"

@@ -22,6 +22,7 @@ KERNEL_MODULES = [
     "head_select",
     "linear_attention",
     "rms_norm",
+    "silu_mul",
 ]
 
 

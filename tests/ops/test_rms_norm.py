@@ -88,6 +88,25 @@ def test_triton_writes_every_output_and_nothing_else():
     torch.testing.assert_close(got, rms_norm_reference(strided, torch.ones(100), 1e-6))
 
 
+@pytest.mark.parametrize("rope", [False, True], ids=["norm", "rope"])
+@pytest.mark.parametrize("batch, length", [(1, 1), (3, 1), (2, 5)])
+def test_heads_sliced_from_a_fused_projection_are_read_in_place(rope, batch, length):
+    """q and k as the LLM slices them out of one [B, L, (H + 2 Hkv) d] projection: [B, L, H, d] views
+    whose head stride (d) and position stride ((H + 2 Hkv) d) do not merge into one row stride. The
+    kernel addresses them with both strides (no copy), and each head row normalises on its own: the
+    values either side of the slice are NaN and must not leak in."""
+    heads, kv_heads, dim = 3, 2, 24
+    width = (heads + 2 * kv_heads) * dim
+    fused = torch.full((batch, length, width), float("nan"))
+    x, weight, cos, sin = _inputs((batch, length, kv_heads, dim), torch.float32, seed=7, rope=True)
+    fused[..., heads * dim : (heads + kv_heads) * dim] = x.flatten(-2)
+    k = fused[..., heads * dim : (heads + kv_heads) * dim].view(batch, length, kv_heads, dim)
+    assert k.stride()[-2:] == (dim, 1) and k.is_contiguous() == (batch * length == 1)
+    kwargs = {"rope_cos": cos, "rope_sin": sin} if rope else {}
+    got = ops.rms_norm(k, weight, eps=1e-6, backend="triton", **kwargs)
+    torch.testing.assert_close(got, ops.rms_norm(x, weight, eps=1e-6, backend="torch", **kwargs))
+
+
 def test_empty_input_is_a_no_op():
     out = ops.rms_norm(torch.empty(0, 3, 16), torch.ones(16), eps=1e-6, backend="triton")
     assert out.shape == (0, 3, 16)
@@ -126,6 +145,52 @@ def test_bad_input_names_the_argument(change, match):
         ops.rms_norm(kwargs.pop("x"), kwargs.pop("weight"), **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 100), (2, 5, 4096), (4, 1, 3, 24)], ids=str)
+def test_add_rms_norm_equals_the_add_then_the_norm(backend, dtype, shape):
+    """The sum is the separate add bit for bit (rounded once to the dtype, on every backend); the
+    normalised output matches rms_norm of that sum (bit for bit on the reference, to rounding on
+    triton). Sums that round: residual values 2^9 larger than x lose x's low bits in bf16."""
+    x, weight, _, _ = _inputs(shape, dtype, seed=2)
+    residual = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 512).to(dtype)
+    out, summed = ops.add_rms_norm(x, residual, weight, eps=1e-6, backend=backend)
+    assert torch.equal(summed, x + residual)
+    want = ops.rms_norm(x + residual, weight, eps=1e-6, backend="torch")
+    if backend == "torch":
+        assert torch.equal(out, want)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
+    assert out.is_contiguous() and summed.is_contiguous()
+
+
+def test_add_rms_norm_reads_strided_inputs():
+    """Non-contiguous x and residual (column slices) give the contiguous result of the same values."""
+    x = torch.randn(6, 40)[:, 3:35]
+    residual = torch.randn(6, 64)[:, ::2]
+    weight = torch.rand(32) + 0.5
+    out, summed = ops.add_rms_norm(x, residual, weight, eps=1e-6, backend="triton")
+    assert torch.equal(summed, x + residual)
+    torch.testing.assert_close(out, rms_norm_reference(x + residual, weight, 1e-6))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"residual": torch.zeros(2, 9)}, r"add_rms_norm: residual must have shape \[2, 8\]"),
+        ({"residual": torch.zeros(2, 8, dtype=torch.float16)}, "residual must have the dtype of x"),
+        ({"residual": [0.0] * 8}, "add_rms_norm: residual must be a torch.Tensor"),
+        ({"weight": torch.ones(9)}, r"add_rms_norm: weight must have shape \[8\]"),
+        ({"eps": 0.0}, "add_rms_norm: eps must be a finite number > 0"),
+    ],
+)
+def test_add_rms_norm_bad_input_names_the_argument(change, match):
+    kwargs = {"x": torch.zeros(2, 8), "residual": torch.zeros(2, 8), "weight": torch.ones(8)}
+    kwargs |= {"eps": 1e-6, **change}
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.add_rms_norm(kwargs.pop("x"), kwargs.pop("residual"), kwargs.pop("weight"), **kwargs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_on_gpu_matches_the_reference(dtype):
@@ -137,3 +202,8 @@ def test_triton_on_gpu_matches_the_reference(dtype):
         tol = TOLERANCE[dtype]
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     assert ops.resolve_backend("rms_norm", "auto", x, weight) == "triton"
+    residual = torch.randn_like(x)
+    out, summed = ops.add_rms_norm(x, residual, weight, eps=1e-6)
+    assert torch.equal(summed, x + residual)
+    want = ops.rms_norm(x + residual, weight, eps=1e-6, backend="torch")
+    torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
