@@ -17,6 +17,9 @@ the ``decode`` stage of the call (everything after the prefill and the first blo
 both ends), so prefill, CUDA graph capture and one-off costs cancel. Each variant runs once untimed
 (warm-up; its output is the one the id check reads), then ``reps`` pairs of timed calls; the median of
 the per-pair block times is reported.
+
+Then, per batch, the engine's decode step taken apart into its terms on the same model
+(:mod:`benchmarks.decode_terms`). Bytes and FLOPs per block come from :mod:`benchmarks.decode_traffic`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import timing
+from benchmarks import decode_terms, timing
+from benchmarks.decode_traffic import Sizes, block_traffic
 from kelix_fast import ops
 from kelix_fast.config import KelixARConfig
 from kelix_fast.models.kelix_ar import KelixARModel
@@ -69,12 +73,13 @@ class Schedule:
     n2: int
     reps: int
     batches: tuple[int, ...]
+    terms_budget: timing.Budget = decode_terms.TERMS_BUDGET  # each term of the decode step
 
 
 def make_schedule(quick: bool, batches: Sequence[int] | None = None) -> Schedule:
     """Full Kelix shapes, or (``quick``) the tiny model with a short context and few blocks."""
     if quick:
-        return Schedule(tiny_config(), 8, 2, 3, 1, tuple(batches or QUICK_BATCHES))
+        return Schedule(tiny_config(), 8, 2, 3, 1, tuple(batches or QUICK_BATCHES), timing.QUICK)
     return Schedule(release_config(), 1024, 4, 20, 3, tuple(batches or FULL_BATCHES))
 
 
@@ -99,8 +104,9 @@ def random_model(config: KelixARConfig, device: torch.device, dtype: torch.dtype
                 else:
                     param.normal_(0.0, WEIGHT_STD, generator=generator)
     model.llm.output.weight[: config.llm.vocab_size] = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode():  # RoPE tables and the fused projections (not the tokenizer's)
         model.llm.process_weights_after_loading()
+        model.block_decoder.process_weights_after_loading()
     return model.eval()
 
 
@@ -244,91 +250,7 @@ def id_check(official: Warm, engine: torch.Tensor) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- traffic model
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """The shapes the traffic model needs, counted from the model's own modules (meta device)."""
-
-    dim: int
-    vocab: int
-    codes: int  # ids per sub-codebook
-    slots: int  # Block Decoder steps of an image block (G = 8)
-    layers: int
-    heads: int
-    head_dim: int
-    elem: int  # bytes per weight / activation element
-    llm_layer_params: int  # every parameter of the decoder layers (read once per LLM step)
-    llm_matrix_params: int  # their 2-D weights (the GEMM FLOPs)
-    decoder_params: int  # Block Decoder parameters read per step: all but the position table
-    decoder_matrix_params: int
-    kv_bytes_per_position: int  # K and V of every LLM layer
-
-    @classmethod
-    def of(cls, config: KelixARConfig, dtype: torch.dtype) -> Sizes:
-        with torch.device("meta"):
-            model = KelixARModel(config)
-        layers = list(model.llm.layers.parameters())
-        decoder = [
-            p
-            for name, p in model.block_decoder.named_parameters()
-            if not name.startswith("position_embedding.")
-        ]
-        llm, elem = config.llm, torch.empty((), dtype=dtype).element_size()
-        return cls(
-            dim=llm.embed_dim,
-            vocab=llm.total_vocab,
-            codes=llm.codebook_size // llm.n_q_tokens,
-            slots=llm.n_q_tokens,
-            layers=llm.num_layers,
-            heads=llm.num_heads,
-            head_dim=llm.head_dim,
-            elem=elem,
-            llm_layer_params=sum(p.numel() for p in layers),
-            llm_matrix_params=sum(p.numel() for p in layers if p.dim() == 2),
-            decoder_params=sum(p.numel() for p in decoder) + config.block_decoder.d_model,
-            decoder_matrix_params=sum(p.numel() for p in decoder if p.dim() == 2),
-            kv_bytes_per_position=2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * elem,
-        )
-
-
-def block_traffic(
-    sizes: Sizes, *, batch: int, kv_len: float, variant: str, scoring: str
-) -> dict[str, Any]:
-    """Compulsory bytes and FLOPs of one image block of ``batch`` requests (kelix-ar.md §7.2).
-
-    Every variant: the LLM layer weights once, ``kv_len`` cached positions of K/V read per request and
-    one written, 8 embedding rows per request for the block's LLM input and 7 for the sub-step inputs,
-    the Block Decoder's weights once per sub-step (the 1.78 GB head streamed in between evicts them
-    from L2) and one pass over the scored head rows per sub-step, which serves every request. Engine
-    (``eager``/``cuda_graphs``): ``full`` scores all V rows per sub-step, ``structured`` all V in slot
-    0 and ``codes + 1`` in slots 1-7; no logits in memory. ``official_loop``: full scoring, 36 rows per
-    block through the decoder and the head (prefix recompute), and its logits in memory: every prefix
-    row written, the kept rows read by the sort, the sort's values and int64 indices written, the
-    kept rows stacked (read + write); the sort's internal passes are not counted (a lower bound).
-    Lower-order terms (norm weights, activations, the Block Decoder cache, ids) are omitted.
-    """
-    s, d, v, g = sizes.elem, sizes.dim, sizes.vocab, sizes.slots
-    rows = g * (g + 1) // 2 if variant == "official_loop" else g  # decoder/head rows per request
-    head_rows = v * g if scoring == "full" else v + (g - 1) * (sizes.codes + 1)
-    parts = {
-        "llm_weights": sizes.llm_layer_params * s,
-        "kv_cache": round(batch * (kv_len + 1) * sizes.kv_bytes_per_position),
-        "embedding_rows": batch * (2 * g - 1) * d * s,
-        "block_decoder_weights": g * sizes.decoder_params * s,
-        "head": head_rows * d * s,
-    }
-    if variant == "official_loop":
-        parts["logits"] = batch * v * (rows * s + g * s + g * (s + 8) + 2 * g * s)
-    attention = 4 * batch * sizes.layers * sizes.heads * sizes.head_dim * kv_len
-    flop = (
-        2 * batch * sizes.llm_matrix_params
-        + round(attention)
-        + 2 * batch * rows * sizes.decoder_matrix_params
-        + 2 * batch * (head_rows if variant != "official_loop" else rows * v) * d
-    )
-    return {"bytes": sum(parts.values()), "bytes_parts": parts, "flop": flop}
+# --------------------------------------------------------------------------- memory
 
 
 def memory_needed(
@@ -355,6 +277,15 @@ class _Bench:
         self.dtype = torch.bfloat16 if self.on_gpu else torch.float32
         self.sizes = Sizes.of(schedule.config, self.dtype)
         self.model = random_model(schedule.config, device, self.dtype)
+        self.terms = decode_terms.StepTerms(
+            self.model,
+            self.sizes,
+            device,
+            context=schedule.context,
+            copy_gbps=roof["copy_gbps"],
+            l2_bytes=torch.cuda.get_device_properties(device).L2_cache_size if self.on_gpu else 0,
+            budget=schedule.terms_budget,
+        )
 
     def point(self, batch: int) -> list[dict[str, Any]]:
         """Every scoring and variant at one batch size (the official loop once: it scores fully)."""
@@ -380,7 +311,8 @@ class _Bench:
                 else:
                     record |= self._measure(variant, scoring, prompts, warm)
                 records.append(record)
-        return self._relate(records)
+        records = self._relate(records)
+        return records + self.terms.measure(prompts, short, records)
 
     def _call(self, variant: str, scoring: str, prompts) -> Callable[..., torch.Tensor]:
         """``call(n, timings) -> groups [B, n, G+1]``: one generate call of ``n`` new blocks."""
@@ -524,7 +456,8 @@ def measure(
     results = []
     for batch in schedule.batches:
         records = bench.point(batch)
-        print(table(records), flush=True)
+        print(table([r for r in records if r["variant"] != "terms"]), flush=True)
+        print(decode_terms.terms_table([r for r in records if r["variant"] == "terms"]), flush=True)
         results += records
     llm = schedule.config.llm
     return {

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import environment, goals, run
+from benchmarks import decode_terms, environment, goals, run
 from benchmarks.cases import all_cases
 
 HELP = "build, test and run every suite in one command under time caps; summary and goal table"
@@ -455,7 +455,11 @@ def suite_stage(plan: Plan, suite: str) -> StageResult:
     ]
     if failures and status == "ok":
         status = "failed"
-    detail = f"{_status_counts(report['results'])}; see {log.name}"
+    # The generation suite's account of the decode step's gap to the floor (its smallest batch).
+    account = decode_terms.account_summary(report["results"]) if suite == "generation" else ""
+    detail = "; ".join(
+        filter(None, [_status_counts(report["results"]), account, f"see {log.name}"])
+    )
     return StageResult(suite, status, seconds, cap, detail, failures, notes)
 
 

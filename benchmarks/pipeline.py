@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import environment, generation, timing
+from benchmarks import decode_traffic, environment, generation, timing
 from kelix_fast import GenerationOutput, KelixAR, KelixDiT, dit_position_args, ops, presets
 from kelix_fast.config import KelixARConfig, KelixDiTConfig
 from kelix_fast.models.dit import DiTCondition
@@ -505,9 +505,9 @@ class _Bench:
     # ------------------------------------------------------------------ models and inputs
 
     @functools.cached_property
-    def sizes(self) -> generation.Sizes:
+    def sizes(self) -> decode_traffic.Sizes:
         """The AR model's shapes for the generation traffic and memory models."""
-        return generation.Sizes.of(self.schedule.ar, self.dtype)
+        return decode_traffic.Sizes.of(self.schedule.ar, self.dtype)
 
     def resident_bytes(self) -> dict[str, int]:
         """Device bytes of each model built in this run."""
@@ -852,7 +852,7 @@ class _Bench:
 
     def _per_block(self, r: dict[str, Any]) -> None:
         """Per block of the ``decode`` stage (blocks 2..n; the first comes with the prefill),
-        against the bandwidth floor of an image block (``generation.block_traffic``, exact
+        against the bandwidth floor of an image block (``decode_traffic.block_traffic``, exact
         scoring)."""
         shape = r["shape"]
         blocks, batch = shape["blocks"], shape["batch"]
@@ -861,7 +861,7 @@ class _Bench:
         r["total_per_block_ms"] = r["median_ms"] / blocks
         r["blocks_per_s"] = batch / (r["per_block_ms"] * 1e-3)
         kv_len = shape["prompt"] + blocks / 2  # mean cached length over the decode blocks
-        traffic = generation.block_traffic(
+        traffic = decode_traffic.block_traffic(
             self.sizes, batch=batch, kv_len=kv_len, variant="eager", scoring="full"
         )
         r["block_bytes"] = traffic["bytes"]

@@ -15,13 +15,17 @@ from torch import nn
 from kelix_fast import ops
 from kelix_fast.config import BlockDecoderConfig
 from kelix_fast.models.kv_cache import KVCache
-from kelix_fast.models.layers import SwiGLU, Table
+from kelix_fast.models.layers import SwiGLU, Table, fuse_linears, fused_linear
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm default of the official sa_norm/mlp_norm
 
 
 class BlockDecoderAttention(nn.Module):
-    """Multi-head causal self-attention with biases and no positional rotation."""
+    """Multi-head causal self-attention with biases and no positional rotation; q/k/v run as one GEMM
+    (``qkv``, ``qkv_bias``) once :meth:`fuse_projections` has run."""
+
+    qkv: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
 
     def __init__(self, config: BlockDecoderConfig) -> None:
         super().__init__()
@@ -31,11 +35,17 @@ class BlockDecoderAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.output_proj = nn.Linear(d, d)
+        self.register_buffer("qkv", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        self.qkv, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cache: KVCache, layer: int, start: torch.Tensor) -> torch.Tensor:
-        n, length, _ = x.shape
+        n, length, d = x.shape
         heads = (n, length, self.num_heads, -1)
-        q, k, v = self.q_proj(x).view(heads), self.k_proj(x).view(heads), self.v_proj(x).view(heads)
+        qkv = fused_linear(x, self.qkv, self.qkv_bias)
+        q, k, v = (t.view(heads) for t in qkv.split(d, dim=-1))
         cache.write(layer, k, v, start)
         out = ops.cached_attention(
             q, cache.k[layer], cache.v[layer], q_start=start, kv_lens=start + length, causal=True
@@ -73,6 +83,12 @@ class BlockDecoder(nn.Module):
         self.position_embedding = Table(config.max_pos_length, config.d_model)
         self.transformer = BlockDecoderStack(config)
 
+    def process_weights_after_loading(self) -> None:
+        """Fuse each layer's q/k/v and gate/up projections (one GEMM each)."""
+        for layer in self.transformer.layers:
+            layer.attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
     def used_position_rows(self) -> dict[str, tuple[int, int]]:
         """Only rows ``0 .. max_length-1`` of the position table are ever read (``token_head.``-relative)."""
         return {"position_embedding.weight": (0, self.config.max_length)}
@@ -95,8 +111,8 @@ class BlockDecoder(nn.Module):
         Earlier slots must already be in ``cache`` (capacity ``max_length``); these rows are appended.
         """
         length = x.shape[1]
-        pos = torch.arange(start, start + length, device=x.device)
-        u = self.input_linear(x) + self.position_embedding.weight[pos]
+        # Slots start .. start + length - 1 of the position table: a view (start is a Python int).
+        u = self.input_linear(x) + self.position_embedding.weight[start : start + length]
         start_t = torch.full((x.shape[0],), start, dtype=torch.int64, device=x.device)
         for i, layer in enumerate(self.transformer.layers):
             u = layer(u, cache, i, start_t)

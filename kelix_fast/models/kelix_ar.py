@@ -62,3 +62,4 @@ class KelixARModel(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.tokenizer.process_weights_after_loading()
         self.llm.process_weights_after_loading()
+        self.block_decoder.process_weights_after_loading()

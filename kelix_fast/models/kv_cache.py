@@ -28,6 +28,10 @@ class KVCache:
         shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Index tensors of every write, made once: a decode step writes every layer, and building them
+        # per write cost three small kernels each (108 of a Qwen3-8B step's launches).
+        self._requests = torch.arange(batch, device=device)[:, None]  # [B, 1]
+        self._positions = torch.arange(capacity, device=device)  # [capacity]
 
     @property
     def capacity(self) -> int:
@@ -37,6 +41,7 @@ class KVCache:
         """The cache of requests ``[0, stop)``: a view sharing this cache's storage."""
         view = object.__new__(KVCache)
         view.k, view.v = self.k[:, :stop], self.v[:, :stop]
+        view._requests, view._positions = self._requests[:stop], self._positions
         return view
 
     def copy_prefix(self, row: int, source: KVCache, source_row: int, length: int) -> None:
@@ -49,7 +54,8 @@ class KVCache:
         batch, length = k.shape[:2]
         if length == 0:
             return
-        pos = start[:, None] + torch.arange(length, device=start.device)  # [B, T]
-        rows = torch.arange(batch, device=start.device)[:, None]
+        # [B, T]; a decode step (T = 1) writes at start itself, without an add.
+        pos = start[:, None] if length == 1 else start[:, None] + self._positions[:length]
+        rows = self._requests[:batch]
         self.k[layer, rows, pos] = k
         self.v[layer, rows, pos] = v

@@ -12,7 +12,7 @@ from torch import nn
 from kelix_fast import ops
 from kelix_fast.config import LLMConfig
 from kelix_fast.models.kv_cache import KVCache
-from kelix_fast.models.layers import RMSNorm, SwiGLU, Table
+from kelix_fast.models.layers import RMSNorm, SwiGLU, Table, fuse_linears, fused_linear
 
 
 def rope_tables(
@@ -27,27 +27,37 @@ def rope_tables(
 
 
 class Qwen3Attention(nn.Module):
+    """GQA self-attention; q/k/v run as one GEMM (``qkv``) once :meth:`fuse_projections` has run."""
+
+    qkv: torch.Tensor | None
+
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
         d, hd = config.embed_dim, config.head_dim
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.qkv_sizes = (config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd)
         self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.output_proj = nn.Linear(config.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, config.norm_eps)
         self.k_norm = RMSNorm(hd, config.norm_eps)
+        self.register_buffer("qkv", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        self.qkv, _ = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self, x, cos, sin, cache: KVCache, layer: int, q_start, kv_lens, fresh_seqlens
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        # QK-norm and RoPE in one pass per tensor (ops.rms_norm with rope).
-        q = self.q_proj(x).view(batch, length, self.num_heads, -1)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, -1)
+        q, k, v = fused_linear(x, self.qkv, None).split(self.qkv_sizes, dim=-1)
+        # QK-norm and RoPE in one pass per tensor (ops.rms_norm with rope), reading the heads in place.
+        q = q.view(batch, length, self.num_heads, -1)
+        k = k.view(batch, length, self.num_kv_heads, -1)
         q = ops.rms_norm(q, self.q_norm.scale, eps=self.q_norm.eps, rope_cos=cos, rope_sin=sin)
         k = ops.rms_norm(k, self.k_norm.scale, eps=self.k_norm.eps, rope_cos=cos, rope_sin=sin)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, -1)
+        v = v.view(batch, length, self.num_kv_heads, -1)
         cache.write(layer, k, v, q_start)
         if fresh_seqlens is None:
             out = ops.cached_attention(
@@ -68,6 +78,11 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3Layer(nn.Module):
+    """``h = h + attn(sa_norm(h)); h = h + mlp(mlp_norm(h))``, with each residual add fused into the
+    norm that follows it (``ops.add_rms_norm``): the layer takes and returns the stream as a pair
+    ``(x, residual)`` whose sum is ``h`` (``residual`` None: ``h = x``), as vLLM's layers do, so the
+    add of one layer's MLP output happens inside the next layer's first norm."""
+
     def __init__(self, config: LLMConfig) -> None:
         super().__init__()
         self.sa_norm = RMSNorm(config.embed_dim, config.norm_eps)
@@ -75,9 +90,17 @@ class Qwen3Layer(nn.Module):
         self.mlp_norm = RMSNorm(config.embed_dim, config.norm_eps)
         self.mlp = SwiGLU(config.embed_dim, config.intermediate_dim)
 
-    def forward(self, x, cos, sin, cache, layer, q_start, kv_lens, fresh_seqlens) -> torch.Tensor:
-        x = x + self.attn(self.sa_norm(x), cos, sin, cache, layer, q_start, kv_lens, fresh_seqlens)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(
+        self, x, residual, cos, sin, cache, layer, q_start, kv_lens, fresh_seqlens
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self.sa_norm
+        if residual is None:
+            h, residual = norm(x), x
+        else:
+            h, residual = ops.add_rms_norm(x, residual, norm.scale, eps=norm.eps)
+        h = self.attn(h, cos, sin, cache, layer, q_start, kv_lens, fresh_seqlens)
+        h, residual = ops.add_rms_norm(h, residual, self.mlp_norm.scale, eps=self.mlp_norm.eps)
+        return self.mlp(h), residual
 
 
 class TokenEmbeddings(nn.Module):
@@ -103,7 +126,11 @@ class KelixLLM(nn.Module):
         self.output = nn.Linear(config.embed_dim, config.total_vocab, bias=False)
 
     def process_weights_after_loading(self) -> None:
-        """Build the RoPE tables (float32, ``max_seq_len`` positions) on the weights' device."""
+        """Fuse each layer's q/k/v and gate/up projections (one GEMM each) and build the RoPE tables
+        (float32, ``max_seq_len`` positions) on the weights' device."""
+        for layer in self.layers:
+            layer.attn.fuse_projections()
+            layer.mlp.fuse_projections()
         c = self.config
         cos, sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_base, self.norm.scale.device)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -169,11 +196,12 @@ class KelixLLM(nn.Module):
             if fresh and length
             else None
         )
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, q_start, kv_lens, fresh_seqlens)
+            x, residual = layer(x, residual, cos, sin, cache, i, q_start, kv_lens, fresh_seqlens)
             if states is not None:
-                states.append(x)
-        return x, states
+                states.append(x + residual)
+        return (x if residual is None else x + residual), states
 
     def unembed(self, y: torch.Tensor) -> torch.Tensor:
         """Block Decoder outputs [..., D] -> logits [..., V] = output(RMSNorm_final(y)) (kelix-ar.md §4.6)."""

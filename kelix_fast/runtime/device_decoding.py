@@ -28,6 +28,7 @@ from kelix_fast.models.kelix_ar import KelixARModel
 from kelix_fast.models.kv_cache import KVCache
 from kelix_fast.runtime.block_decoding import NOT_GENERATED, close_blocks
 from kelix_fast.runtime.block_selection import SelectionPlan, slot_seeds
+from kelix_fast.runtime.graphs import capture_graph
 from kelix_fast.runtime.prefill import prefill
 
 
@@ -44,29 +45,44 @@ def decode_block(
     ``cache`` is the Block Decoder cache ([*, n, max_length, ...], overwritten); ``request_seeds`` [n]
     and ``block`` ([1] or [n] int64, each row's new-block index) seed the draws. The chain holds the id
     chosen at each step, and ``NOT_GENERATED`` (-1) after the row's end-of-block, as the reference loop's.
+    Each step: one Block Decoder step, :meth:`BlockChain.selection`, one head pass
+    (:meth:`SelectionPlan.select`), :meth:`BlockChain.append`.
     """
     llm, decoder = model.llm, model.block_decoder
-    q_eos, n = plan.q_eos, hidden.shape[0]
     table = llm.tok_embeddings.embed_tokens.weight
-    chain = torch.full(
-        (n, model.config.llm.group_size), NOT_GENERATED, dtype=torch.int64, device=hidden.device
-    )
-    ended = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+    chain = BlockChain(hidden.shape[0], model.config.llm.group_size, hidden.device)
     x = hidden[:, None]
     for t in range(decoder.config.max_length - 1):
         y = decoder(x, cache, start=t)[:, 0]
+        allowed, seeds = chain.selection(plan, t, request_seeds, block)
         ids = plan.select(
-            y,
-            llm.norm.scale,
-            llm.output.weight,
-            eps=llm.norm.eps,
-            allowed=plan.allowed(t, chain[:, 0], ended),
-            seeds=slot_seeds(request_seeds, block, t) if plan.samples else None,
+            y, llm.norm.scale, llm.output.weight, eps=llm.norm.eps, allowed=allowed, seeds=seeds
         )
-        chain[:, t] = ids.masked_fill(ended, NOT_GENERATED)
-        ended = ended | (ids == q_eos)
-        x = table[ids][:, None]
-    return close_blocks(chain, q_eos), chain
+        x = chain.append(t, ids, plan.q_eos, table)
+    return close_blocks(chain.ids, plan.q_eos), chain.ids
+
+
+class BlockChain:
+    """The ids one :func:`decode_block` call has chosen so far, and the glue of its steps around the
+    Block Decoder step and the head pass: ``ids`` [n, G+1] int64 (``NOT_GENERATED`` after a row's
+    end-of-block, and for the slots not reached yet), ``ended`` [n] bool."""
+
+    def __init__(self, n: int, width: int, device: torch.device) -> None:
+        self.ids = torch.full((n, width), NOT_GENERATED, dtype=torch.int64, device=device)
+        self.ended = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def selection(
+        self, plan: SelectionPlan, slot: int, request_seeds: torch.Tensor, block: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slot ``slot``'s allowed ranges [n, 2, 2] and seeds [n] (None when no row samples)."""
+        allowed = plan.allowed(slot, self.ids[:, 0], self.ended)
+        return allowed, slot_seeds(request_seeds, block, slot) if plan.samples else None
+
+    def append(self, slot: int, ids: torch.Tensor, q_eos: int, table: torch.Tensor) -> torch.Tensor:
+        """Record slot ``slot``'s picks ids [n]; the next Block Decoder input E[ids]: [n, 1, D]."""
+        self.ids[:, slot] = ids.masked_fill(self.ended, NOT_GENERATED)
+        self.ended |= ids == q_eos
+        return table[ids][:, None]
 
 
 class DecodeSlots:
@@ -161,24 +177,17 @@ class DecodeSlots:
                 self._step(bucket, plan)
             elif graph is not None:
                 graph.replay()
-            else:
-                # Warm up on a side stream (a real step: kernels compile, workspaces are allocated),
-                # then capture; capture records without executing, so the state advances once.
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._step(bucket, plan)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._step(bucket, plan)
+            else:  # the warm-up is a real step: the state advances once
+                graph = capture_graph(lambda: self._step(bucket, plan))
         self._steps[key] = (plan, graph)
 
     def clear_graphs(self) -> None:
         """Drop the kept steps and their CUDA graphs (rebuilt on demand)."""
         self._steps.clear()
 
-    def _step(self, bucket: int, plan: SelectionPlan) -> None:
+    def llm_step(self, bucket: int) -> None:
+        """The LLM part of a decode step over rows ``[0, bucket)``: each running row's position and
+        block index advance, and the LLM on its latest block leaves its state in :attr:`hidden`."""
         llm, active = self.model.llm, self.active[:bucket]
         pos, block = self.pos[:bucket], self.block[:bucket]
         # A free row keeps its position (so it never writes past its cache) and is otherwise ignored.
@@ -186,13 +195,16 @@ class DecodeSlots:
         block += active
         h, _ = llm(llm.embed(self.groups[:bucket, None]), self.cache.rows(bucket), pos, pos + 1)
         self.hidden[:bucket] = h[:, 0]
+
+    def _step(self, bucket: int, plan: SelectionPlan) -> None:
+        self.llm_step(bucket)
         groups, chain = decode_block(
             self.model,
             self.hidden[:bucket],
             self.block_cache.rows(bucket),
             plan,
             self.seeds[:bucket],
-            block,
+            self.block[:bucket],
         )
         self.groups[:bucket] = groups
         self.chain[:bucket] = chain

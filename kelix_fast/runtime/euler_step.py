@@ -13,6 +13,7 @@ import torch
 
 from kelix_fast import ops
 from kelix_fast.models.dit import DiTCondition, KelixDiT
+from kelix_fast.runtime.graphs import capture_graph
 
 
 class EulerStep:
@@ -59,18 +60,8 @@ class EulerStep:
                 self._step()
             elif self.graph is not None:
                 self.graph.replay()
-            else:
-                # Warm up on a side stream (a real step: kernels compile, workspaces are allocated),
-                # then capture; capture records without executing, so the latents advance once.
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._step()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._step()
-                self.graph = graph
+            else:  # the warm-up is a real step: the latents advance once
+                self.graph = capture_graph(self._step)
         return self.latents
 
     def replace(self, latents: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
 """The generation suite on CPU: the recreated official loop against the engine, the id check, the
-traffic model at full Kelix shapes, the smoke run and the refusals."""
+traffic model at full Kelix shapes, the smoke run (its decode step's terms read back from the JSON)
+and the refusals. The terms on their own: test_decode_terms.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import generation, run
+from benchmarks import decode_terms, decode_traffic, generation, run
 from kelix_fast import KelixAR, presets
 from kelix_fast.presets import release_config, tiny_config
 from kelix_fast.runtime import engine_core
@@ -107,29 +108,33 @@ def test_engine_ids_that_differ_beyond_a_tie_are_a_mismatch():
 
 
 def test_traffic_model_at_full_shapes():
-    sizes = generation.Sizes.of(release_config(), torch.bfloat16)
+    sizes = decode_traffic.Sizes.of(release_config(), torch.bfloat16)
     assert sizes.llm_layer_params * 2 == 13_892_143_104  # 36 x 192.95 M (kelix-ar.md §7.1)
     assert sizes.kv_bytes_per_position == 147_456
     assert sizes.decoder_params == 8_397_312 + 512  # all but the position table, plus one row
     head = 217_472 * 4096 * 2
-    full = generation.block_traffic(sizes, batch=1, kv_len=1024, variant="eager", scoring="full")
+    full = decode_traffic.block_traffic(
+        sizes, batch=1, kv_len=1024, variant="eager", scoring="full"
+    )
     parts = full["bytes_parts"]
     assert parts["head"] == 8 * head and parts["kv_cache"] == 1025 * 147_456
     assert parts["embedding_rows"] == 15 * 4096 * 2
     assert 28.1e9 < full["bytes"] - parts["kv_cache"] < 28.3e9  # §7.2: ~28.2 GB + KV
-    graphs = generation.block_traffic(
+    graphs = decode_traffic.block_traffic(
         sizes, batch=1, kv_len=1024, variant="cuda_graphs", scoring="full"
     )
     assert graphs == full
-    structured = generation.block_traffic(
+    structured = decode_traffic.block_traffic(
         sizes, batch=1, kv_len=1024, variant="eager", scoring="structured"
     )
     assert structured["bytes_parts"]["head"] == (217_472 + 7 * 8193) * 4096 * 2
     # One head pass per sub-step serves the whole batch; the KV read grows with it.
-    b32 = generation.block_traffic(sizes, batch=32, kv_len=1024, variant="eager", scoring="full")
+    b32 = decode_traffic.block_traffic(
+        sizes, batch=32, kv_len=1024, variant="eager", scoring="full"
+    )
     assert b32["bytes_parts"]["head"] == parts["head"]
     assert b32["bytes_parts"]["kv_cache"] == 32 * parts["kv_cache"]
-    official = generation.block_traffic(
+    official = decode_traffic.block_traffic(
         sizes, batch=1, kv_len=1024, variant="official_loop", scoring="full"
     )
     assert official["bytes_parts"]["logits"] == 217_472 * (36 * 2 + 8 * 2 + 8 * 10 + 16 * 2)
@@ -147,7 +152,7 @@ def test_cpu_smoke_run_records_every_point(tmp_path):
     schedule = report["schedule"]
     assert (schedule["context"], schedule["n1"], schedule["n2"]) == (8, 2, 3)
     assert report["model"]["vocab"] == tiny_config().llm.total_vocab
-    results = report["results"]
+    results = [r for r in report["results"] if r["variant"] != "terms"]
     variants = [(r["variant"], r["shape"]["scoring"]) for r in results]
     assert variants == 2 * [
         ("official_loop", "full"),
@@ -177,6 +182,78 @@ def test_cpu_smoke_run_records_every_point(tmp_path):
     assert results[1]["ids_match"] is True and results[1]["ids_divergence"] is None
     assert "speedup_vs_full" in results[3]
     assert set(report["goals"]) >= {"b1_vs_floor", "b1_speedup", "b32_speedup"}
+    check_terms(report, results)
+
+
+def check_terms(report: dict, variants: list[dict]) -> None:
+    """The decode step's terms of the smoke run, read back from its JSON: every term timed, the
+    bytes split of the traffic model, the account's arithmetic."""
+    sizes = decode_traffic.Sizes.of(tiny_config(), torch.float32)
+    context, copy_gbps = report["schedule"]["context"], report["roofline"]["copy_gbps"]
+    terms = [r for r in report["results"] if r["variant"] == "terms"]
+    assert [r["shape"]["batch"] for r in terms] == [1] * 12 + [2] * 12
+    for batch in (1, 2):
+        found = {
+            (r["shape"]["scoring"], r["shape"]["term"], r["shape"]["slots"]): r
+            for r in terms
+            if r["shape"]["batch"] == batch
+        }
+        assert list(found) == TERM_KEYS
+        for r in found.values():
+            assert r["status"] == "ok" and r["reason"] is None and r["cuda_graph"] is False
+            assert r["median_ms"] > 0 and len(r["raw_ms"]) >= 3
+            assert r["floor_ms"] == pytest.approx(r["bytes"] / copy_gbps / 1e6)
+            assert r["bytes"] == sum(r["bytes_parts"].values())
+        for scoring in ("full", "structured"):
+            step = found[scoring, "step", "0-7"]
+            parts = [r for (s, t, _), r in found.items() if s in (scoring, "any") and t != "step"]
+            want = decode_traffic.block_traffic(
+                sizes, batch=batch, kv_len=context, variant="cuda_graphs", scoring=scoring
+            )
+            assert step["bytes_parts"] == want["bytes_parts"]
+            for name, value in want["bytes_parts"].items():  # the terms' bytes add up, part by part
+                assert (
+                    sum(r["calls_per_block"] * r["bytes_parts"].get(name, 0) for r in parts)
+                    == value
+                )
+            account = step["account"]
+            assert account["whole_ms"] == step["median_ms"]
+            per_block = sum(r["median_ms"] * r["calls_per_block"] for r in parts)
+            assert account["sum_ms"] == pytest.approx(per_block)
+            assert account["whole_ms"] == pytest.approx(account["sum_ms"] + account["residual_ms"])
+            gaps = sum(part["gap_ms"] for part in account["parts"].values())
+            assert account["gap_ms"] == pytest.approx(gaps + account["residual_ms"])
+            assert account["gap_ms"] == pytest.approx(step["median_ms"] - step["floor_ms"])
+            eager = next(
+                r
+                for r in variants
+                if (r["variant"], r["shape"]["batch"], r["shape"]["scoring"])
+                == ("eager", batch, scoring)
+            )
+            assert account["suite_ms_per_block"] == eager["median_ms"]
+            # The JSON holds all the account is made of.
+            again = decode_terms.account(step, parts) | {"suite_ms_per_block": eager["median_ms"]}
+            assert again == account
+    printed = decode_terms.terms_table([r for r in terms if r["shape"]["batch"] == 1])
+    assert "account full: step" in printed and "account structured: step" in printed
+    assert decode_terms.account_summary(report["results"]).startswith("B=1 gap: full step ")
+
+
+TERM_KEYS = [
+    ("any", "llm", "-"),
+    ("any", "block_decoder", "0-7"),
+    *(
+        (scoring, term, slots)
+        for scoring in ("full", "structured")
+        for term, slots in (
+            ("head", "0"),
+            ("head", "1-7"),
+            ("glue", "0"),
+            ("glue", "1-7"),
+            ("step", "0-7"),
+        )
+    ),
+]
 
 
 def test_generation_suite_refuses_without_cuda(tmp_path, monkeypatch, capsys):
