@@ -608,6 +608,7 @@ class KelixTextTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
+        check_bool("encode: allow_special_tokens", allow_special_tokens)
         if allow_special_tokens:
             return self.backend.encode(text, add_special_tokens=False).ids
         return self._plain_backend().encode(text, add_special_tokens=False).ids
@@ -670,6 +671,7 @@ class KelixTextTokenizer:
         self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = False
     ) -> str:
         """Text of ``ids`` (a sequence of ints or a 1-D integer tensor)."""
+        check_bool("decode: skip_special_tokens", skip_special_tokens)
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -688,9 +690,11 @@ class KelixTextTokenizer:
         unless the first message is one, ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn,
         each image written as ``<|vision_start|><|image_pad|><|vision_end|>``.
 
-        Raises: TypeError/ValueError (malformed messages), ImportError (jinja template, no jinja2).
+        Raises: TypeError/ValueError (malformed messages or flag), ImportError (jinja template, no
+        jinja2).
         """
         _check_messages(messages)
+        check_bool("apply_chat_template: add_generation_prompt", add_generation_prompt)
         if self.chat_template is not None:
             return self._render_jinja(messages, add_generation_prompt)
         image = VISION_START_TOKEN + IMAGE_PAD_TOKEN + VISION_END_TOKEN

@@ -1,5 +1,6 @@
 """Test configuration: the self-skipping ``gpu`` marker, the guard against the implicit default device
-(and its ``default_device`` marker), the golden fixture sets.
+(and its ``default_device`` marker), the golden fixture sets, the
+``forbid_models`` fixture of the bad-input tests.
 
 Triton kernels run on CPU tensors under Triton's interpreter and on CUDA tensors compiled, in the same
 process (``kelix_fast.triton_kernels.kernels_for``), so nothing here depends on whether CUDA is present.
@@ -98,3 +99,21 @@ def _guard_default_device():
 def _allow_default_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     if request.node.get_closest_marker("default_device") is not None:
         monkeypatch.setattr(weights, "default_device", _DEFAULT_DEVICE)
+
+
+@pytest.fixture
+def forbid_models(monkeypatch: pytest.MonkeyPatch):
+    """``forbid_models(pipe)``: every model entry point of a :class:`KelixPipeline` then fails, so an
+    argument check that comes after some compute shows (the tests of bad input call it first)."""
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a model ran before the arguments were checked")
+
+    def forbid(pipe) -> None:
+        # layout_requests follows the checks of generate and add_request and precedes their compute.
+        for name in ("layout_requests", "tokenize_images"):
+            monkeypatch.setattr(pipe.ar, name, ran)
+        for dit in (pipe.dit, pipe.aedit):
+            monkeypatch.setattr(dit, "connect", ran)
+
+    return forbid

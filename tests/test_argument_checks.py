@@ -45,19 +45,6 @@ def _engine(pipe):
     return Engine(pipe.ar, max_batch=1, max_context=16)
 
 
-def _forbid_models(pipe, monkeypatch):
-    """Make every model entry point fail, so a check that comes too late shows."""
-
-    def ran(*args, **kwargs):
-        raise AssertionError("a model ran before the arguments were checked")
-
-    # layout_requests follows the checks of generate and add_request and precedes their compute.
-    for name in ("layout_requests", "tokenize_images"):
-        monkeypatch.setattr(pipe.ar, name, ran)
-    for dit in (pipe.dit, pipe.aedit):
-        monkeypatch.setattr(dit, "connect", ran)
-
-
 # --------------------------------------------------------------------------- 1. seeds
 
 # Each entry point that takes a seed: (name, call(pipe, seed), the range its message states).
@@ -89,9 +76,11 @@ SEEDED = {
     ],
 )
 @pytest.mark.parametrize("entry", SEEDED)
-def test_bad_seeds_are_refused_naming_the_seed_and_its_range(pipe, monkeypatch, entry, seed, error):
+def test_bad_seeds_are_refused_naming_the_seed_and_its_range(
+    pipe, forbid_models, entry, seed, error
+):
     call, bits = SEEDED[entry]
-    _forbid_models(pipe, monkeypatch)
+    forbid_models(pipe)
     with pytest.raises(error, match=rf"seed must be an int in \[0, 2\^{bits}\), got .*{seed!r}"):
         call(pipe, seed)
 
@@ -197,8 +186,8 @@ def test_a_message_cannot_ask_for_more_pixels_than_the_processor_allows():
         ),
     ],
 )
-def test_bad_sizes_are_refused_naming_the_argument(pipe, monkeypatch, call, error, match):
-    _forbid_models(pipe, monkeypatch)
+def test_bad_sizes_are_refused_naming_the_argument(pipe, forbid_models, call, error, match):
+    forbid_models(pipe)
     with pytest.raises(error, match=match):
         call(pipe)
 
@@ -215,8 +204,8 @@ PROMPTED = {
 
 @pytest.mark.parametrize("bad", [2.5, "a", None, True, [2], np.float32(1)])
 @pytest.mark.parametrize("entry", PROMPTED)
-def test_prompt_ids_that_are_not_ints_are_refused(pipe, monkeypatch, entry, bad):
-    _forbid_models(pipe, monkeypatch)
+def test_prompt_ids_that_are_not_ints_are_refused(pipe, forbid_models, entry, bad):
+    forbid_models(pipe)
     name = "input_ids" if "input_ids" in entry else "prompt"
     with pytest.raises(TypeError, match=rf"{name}\w*(\[0\])? must .*(int|token ids)"):
         PROMPTED[entry](pipe, [1, bad, 3])
@@ -258,13 +247,23 @@ FLAGGED = {
     "KelixProcessor: allow_special_tokens": lambda p, v: KelixProcessor(
         p.processor.tokenizer, allow_special_tokens=v
     ),
+    # The lower-level text tokenizer (KelixTextTokenizer) takes the same flags.
+    "encode: allow_special_tokens": lambda p, v: p.processor.tokenizer.encode(
+        "a", allow_special_tokens=v
+    ),
+    "decode: skip_special_tokens": lambda p, v: p.processor.tokenizer.decode(
+        [1], skip_special_tokens=v
+    ),
+    "apply_chat_template: add_generation_prompt": lambda p, v: (
+        p.processor.tokenizer.apply_chat_template(USER, add_generation_prompt=v)
+    ),
 }
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
 @pytest.mark.parametrize("entry", FLAGGED)
-def test_flags_must_be_bools(pipe, monkeypatch, entry, value):
-    _forbid_models(pipe, monkeypatch)
+def test_flags_must_be_bools(pipe, forbid_models, entry, value):
+    forbid_models(pipe)
     if value is None and "allow_special_tokens" in entry and "prepare" in entry:
         pytest.skip("None is prepare's allow_special_tokens default: the processor's setting")
     name = entry.split(": ")[1]
@@ -279,8 +278,8 @@ def test_flags_must_be_bools(pipe, monkeypatch, entry, value):
         (lambda p, f: p("a fox", height=64, callback_on_step_end=f), "callback_on_step_end"),
     ],
 )
-def test_callbacks_must_be_callable(pipe, monkeypatch, call, name):
-    _forbid_models(pipe, monkeypatch)
+def test_callbacks_must_be_callable(pipe, forbid_models, call, name):
+    forbid_models(pipe)
     with pytest.raises(TypeError, match=rf"{name} must be callable or None, got int 3"):
         call(pipe, 3)
 
