@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kelix_fast import KelixAR, presets
 from kelix_fast.models.kelix_ar import KelixARModel
-from kelix_fast.models.layers import SwiGLU
+from kelix_fast.models.layers import SwiGLU, fused_linear
 
 _GEMMS = {"linear", "mm", "addmm", "bmm"}  # CPU inference mode sees aten.linear
 
@@ -80,6 +80,22 @@ def test_in_place_loads_reach_the_fused_tensors():
         torch.nn.functional.silu(new["w1.weight"] @ x.T) * (new["w3.weight"] @ x.T)
     )
     torch.testing.assert_close(mlp(x), want.T)
+
+
+def test_moving_or_casting_keeps_one_copy():
+    """.to() converts each fused tensor once and re-points the linears at it: after a cast the
+    parameters are still rows of the fused tensors (nn.Module alone would convert every view on its
+    own, storing the weights twice), and the fused GEMM computes what the linears say."""
+    config = presets.tiny_config()
+    model = KelixAR.from_weights(config, presets.random_weights(config), device="cpu").model
+    model.to(torch.float64)
+    test_parameters_are_rows_of_the_fused_tensors(model)
+    mlp = model.llm.layers[0].mlp
+    assert mlp.gate_up.dtype == torch.float64
+    x = torch.randn(2, mlp.w1.in_features, dtype=torch.float64)
+    torch.testing.assert_close(
+        fused_linear(x, mlp.gate_up, None), torch.cat([mlp.w1(x), mlp.w3(x)], -1)
+    )
 
 
 def test_unfused_module_refuses_to_run():

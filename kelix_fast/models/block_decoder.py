@@ -15,15 +15,16 @@ from torch import nn
 from kelix_fast import ops
 from kelix_fast.config import BlockDecoderConfig
 from kelix_fast.models.kv_cache import KVCache
-from kelix_fast.models.layers import SwiGLU, Table, fuse_linears, fused_linear
+from kelix_fast.models.layers import FusedProjections, SwiGLU, Table, fused_linear
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm default of the official sa_norm/mlp_norm
 
 
-class BlockDecoderAttention(nn.Module):
+class BlockDecoderAttention(FusedProjections):
     """Multi-head causal self-attention with biases and no positional rotation; q/k/v run as one GEMM
     (``qkv``, ``qkv_bias``) once :meth:`fuse_projections` has run."""
 
+    _fusions = (("qkv", "qkv_bias", ("q_proj", "k_proj", "v_proj")),)
     qkv: torch.Tensor | None
     qkv_bias: torch.Tensor | None
 
@@ -35,11 +36,6 @@ class BlockDecoderAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.output_proj = nn.Linear(d, d)
-        self.register_buffer("qkv", None, persistent=False)
-        self.register_buffer("qkv_bias", None, persistent=False)
-
-    def fuse_projections(self) -> None:
-        self.qkv, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cache: KVCache, layer: int, start: torch.Tensor) -> torch.Tensor:
         n, length, d = x.shape

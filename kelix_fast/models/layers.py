@@ -25,32 +25,73 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.scale, eps=self.eps)
 
 
-def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One ``[sum N_i, K]`` weight (and ``[sum N_i]`` bias, or None) for linears that read the same
-    input, so that one GEMM computes them all (:func:`fused_linear`).
+class FusedProjections(nn.Module):
+    """Base of a module some of whose linears read the same input and run as one GEMM.
 
-    Each linear's parameters are re-pointed at their rows of the fused tensors: nothing is stored
-    twice, the checkpoint names still bind to the linears, and ``state_dict`` and in-place loads
-    (``load_state_dict``) see and update the same values. Call after the weights are bound (a model's
-    ``process_weights_after_loading``); replacing a linear's parameter objects afterwards detaches it.
+    A subclass declares ``_fusions``: per group, the name of the fused weight, of the fused bias (or
+    None) and of the linears, in order. :meth:`fuse_projections` (after the weights are bound: a
+    model's ``process_weights_after_loading``) concatenates their weights (and biases) into one
+    ``[sum N_i, K]`` tensor, a non-persistent buffer, and re-points each linear's parameters at its
+    rows: nothing is stored twice, the checkpoint names still bind to the linears, and
+    ``state_dict`` and in-place loads (``load_state_dict``) see and update the same values. Moving or
+    casting the module (``.to``, ``.cuda``, ``.half``) converts each fused tensor once and re-points
+    the linears again (``nn.Module`` alone would convert every view on its own: two copies).
+    Replacing a linear's parameter objects after fusing detaches it.
     """
-    weight = torch.cat([linear.weight for linear in linears])
-    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
-    start = 0
-    for linear in linears:
-        rows = slice(start, start + linear.out_features)
-        linear.weight = nn.Parameter(weight[rows], requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias[rows], requires_grad=False)
-        start = rows.stop
-    return weight, bias
+
+    _fusions: tuple[tuple[str, str | None, tuple[str, ...]], ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        for weight_name, bias_name, _ in self._fusions:
+            self.register_buffer(weight_name, None, persistent=False)
+            if bias_name is not None:
+                self.register_buffer(bias_name, None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        for weight_name, bias_name, names in self._fusions:
+            linears = [getattr(self, name) for name in names]
+            weight = torch.cat([linear.weight for linear in linears])
+            bias = None if bias_name is None else torch.cat([linear.bias for linear in linears])
+            self._share(weight_name, bias_name, weight, bias)
+
+    def _share(
+        self,
+        weight_name: str,
+        bias_name: str | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> None:
+        """Hold ``weight`` (and ``bias``) as the group's fused tensors, its linears' parameters as
+        views of their rows."""
+        names = next(group[2] for group in self._fusions if group[0] == weight_name)
+        setattr(self, weight_name, weight)
+        if bias_name is not None:
+            setattr(self, bias_name, bias)
+        start = 0
+        for name in names:
+            linear = getattr(self, name)
+            rows = slice(start, start + linear.out_features)
+            linear.weight = nn.Parameter(weight[rows], requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias[rows], requires_grad=False)
+            start = rows.stop
+
+    def _apply(self, fn, recurse=True):
+        for weight_name, bias_name, _ in self._fusions:
+            weight = getattr(self, weight_name)
+            if weight is not None:
+                bias = None if bias_name is None else getattr(self, bias_name)
+                self._share(weight_name, bias_name, fn(weight), None if bias is None else fn(bias))
+        # The linears' parameters are now views already converted: fn leaves them as they are.
+        return super()._apply(fn, recurse)
 
 
 def fused_linear(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x [..., K] -> [..., sum N_i]``: one GEMM with a :func:`fuse_linears` weight (and bias); the
-    caller splits the last dim (``.split``: views, not copies)."""
+    """``x [..., K] -> [..., sum N_i]``: one GEMM with a :class:`FusedProjections` weight (and bias);
+    the caller splits the last dim (``.split``: views, not copies)."""
     if weight is None:
         raise RuntimeError(
             "the model's projections are not fused: call its process_weights_after_loading() after "
@@ -59,13 +100,14 @@ def fused_linear(
     return F.linear(x, weight, bias)
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(FusedProjections):
     """``w2(silu(w1 x) * w3 x)`` with bias-free projections (the LLM's and the Block Decoder's MLP).
 
     ``w1`` and ``w3`` run as one GEMM once :meth:`fuse_projections` has run (``gate_up``), and the
     activation reads its output in place (``ops.silu_mul``).
     """
 
+    _fusions = (("gate_up", None, ("w1", "w3")),)
     gate_up: torch.Tensor | None
 
     def __init__(self, dim: int, hidden: int) -> None:
@@ -73,10 +115,6 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.register_buffer("gate_up", None, persistent=False)
-
-    def fuse_projections(self) -> None:
-        self.gate_up, _ = fuse_linears(self.w1, self.w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(ops.silu_mul(fused_linear(x, self.gate_up, None)))

@@ -12,7 +12,7 @@ from torch import nn
 from kelix_fast import ops
 from kelix_fast.config import LLMConfig
 from kelix_fast.models.kv_cache import KVCache
-from kelix_fast.models.layers import RMSNorm, SwiGLU, Table, fuse_linears, fused_linear
+from kelix_fast.models.layers import FusedProjections, RMSNorm, SwiGLU, Table, fused_linear
 
 
 def rope_tables(
@@ -26,9 +26,10 @@ def rope_tables(
     return angles.cos(), angles.sin()
 
 
-class Qwen3Attention(nn.Module):
+class Qwen3Attention(FusedProjections):
     """GQA self-attention; q/k/v run as one GEMM (``qkv``) once :meth:`fuse_projections` has run."""
 
+    _fusions = (("qkv", None, ("q_proj", "k_proj", "v_proj")),)
     qkv: torch.Tensor | None
 
     def __init__(self, config: LLMConfig) -> None:
@@ -42,10 +43,6 @@ class Qwen3Attention(nn.Module):
         self.output_proj = nn.Linear(config.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, config.norm_eps)
         self.k_norm = RMSNorm(hd, config.norm_eps)
-        self.register_buffer("qkv", None, persistent=False)
-
-    def fuse_projections(self) -> None:
-        self.qkv, _ = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self, x, cos, sin, cache: KVCache, layer: int, q_start, kv_lens, fresh_seqlens
