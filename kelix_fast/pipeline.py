@@ -28,16 +28,18 @@ from kelix_fast.ar import KelixAR
 from kelix_fast.arguments import check_bool, check_callable, check_int, describe, is_int
 from kelix_fast.engine import Engine
 from kelix_fast.hub import resolve_pretrained
+from kelix_fast.image_processing import ImageInput, preprocess_image
 from kelix_fast.models.dit import KelixDiT
 from kelix_fast.models.tokenizer import FUSIONS
 from kelix_fast.models.vae import load_vae
 from kelix_fast.options import EngineOptions
-from kelix_fast.processor import IM_START_TOKEN, ImageInput, KelixProcessor, preprocess_image
+from kelix_fast.processor import KelixProcessor
 from kelix_fast.runtime import requests
 from kelix_fast.runtime.conditioning import extract_condition, text_to_image_prompt
 from kelix_fast.runtime.flow import SCHEDULES, check_sampling, flow_schedule
 from kelix_fast.runtime.rendering import render
 from kelix_fast.runtime.timing import StageTimer
+from kelix_fast.text_tokenizer import IM_START_TOKEN
 from kelix_fast.weights import available_device, resolve_dtype
 
 __all__ = ["KelixPipeline", "KelixPipelineOutput"]

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import kelix_fast
-from kelix_fast import cli, presets
+from kelix_fast import cli, cli_parser, presets
 from kelix_fast.processor import KelixTextTokenizer
 
 # Tiny tensors: torch's intra-op threads cost more than they save (tests/conftest.py).
@@ -200,7 +200,7 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 
 def test_every_option_says_what_it_does_and_its_default():
-    commands = _commands(cli.build_parser())
+    commands = _commands(cli_parser.build_parser())
     assert set(commands) == {
         "demo", "generate", "chat", "reconstruct", "bench", "serve", "info"
     }  # fmt: skip
@@ -245,6 +245,6 @@ def test_the_top_level_help_lists_every_command_and_the_exit_statuses(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in _commands(cli.build_parser()):
+    for command in _commands(cli_parser.build_parser()):
         assert f"    {command} " in out
     assert "2 a usage error" in out

@@ -30,6 +30,9 @@ LAYERS: dict[str, int] = {
     "kelix_fast.config": FOUNDATION,
     "kelix_fast.weights": FOUNDATION,
     "kelix_fast.processor": FOUNDATION,
+    "kelix_fast.text_tokenizer": FOUNDATION,
+    "kelix_fast.image_processing": FOUNDATION,
+    "kelix_fast.checkpoint_files": FOUNDATION,
     "kelix_fast.arguments": FOUNDATION,  # checks of scalar arguments, shared by every layer
     "kelix_fast.hub": FOUNDATION,  # huggingface_hub and the stdlib only
     "kelix_fast._native_build": FOUNDATION,  # stdlib only: setup.py loads it before kelix_fast exists
@@ -41,6 +44,7 @@ LAYERS: dict[str, int] = {
     "kelix_fast.options": USER_FACING,
     "kelix_fast.serving": USER_FACING,
     "kelix_fast.cli": USER_FACING,
+    "kelix_fast.cli_parser": USER_FACING,  # the command line of kelix_fast.cli
     "kelix_fast.presets": MODELS,  # builds models and weights; the engines build on it
     PACKAGE: USER_FACING,  # kelix_fast/__init__.py re-exports the API
 }

@@ -99,7 +99,7 @@ def test_markers_registered_as_non_special_are_escaped_too():
     """A checkpoint may register the Kelix markers as plain (non-special) added tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from kelix_fast.processor import _TINY_SPECIAL_TOKENS, _byte_symbols
+    from kelix_fast.text_tokenizer import _TINY_SPECIAL_TOKENS, _byte_symbols
 
     backend = Tokenizer(models.BPE(vocab={s: b for b, s in enumerate(_byte_symbols())}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kelix_fast.processor import smart_resize
+from kelix_fast.image_processing import smart_resize
 
 __all__ = ["GridPositions", "dit_position_args"]
 

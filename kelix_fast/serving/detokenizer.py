@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kelix_fast.config import LLMConfig
-from kelix_fast.processor import KelixTextTokenizer
+from kelix_fast.text_tokenizer import KelixTextTokenizer
 
 
 class TextStream:

@@ -18,7 +18,6 @@ from contextlib import aclosing
 import torch
 from fastapi import Request
 
-from kelix_fast.processor import IM_START_TOKEN
 from kelix_fast.runtime.conditioning import Condition, extract_condition, text_to_image_prompt
 from kelix_fast.serving.disconnect import cancel_on_disconnect
 from kelix_fast.serving.errors import APIError, bad_request, engine_errors, shutting_down
@@ -31,6 +30,7 @@ from kelix_fast.serving.protocol import (
     ImageGenerationRequest,
     ImagesResponse,
 )
+from kelix_fast.text_tokenizer import IM_START_TOKEN
 
 
 async def create_images(
