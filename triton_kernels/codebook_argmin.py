@@ -36,13 +36,18 @@ from ._rounding import cast_rne, interpreted, round_to
 #   traffic of 64-row programs (which would need ~4.8 TB/s of L2 reads at the tensor-core rate of 3
 #   bf16 parts, near what an H100/H200 L2 delivers); the u parts (96 KiB in bf16) and two code-tile
 #   stages (64 KiB) fit in shared memory; no stack.
-# - exact float32: the IEEE FMA dot holds both operand slices for the whole d in registers, so it needs
-#   few accumulators per thread: 32 x 64 on 8 warps takes 64 registers (on 4 warps it spilled 632 bytes
-#   of stack per thread).
+# - reference 16-bit: one GEMM part, so per byte of code tile a third of exact mode's tensor work: the
+#   code tiles' L2 traffic binds first. 128-row programs stream each group's codebook (2 MiB) half as
+#   often as 64-row ones: 0.5 GB instead of 1 GB of L2 reads at n = 4,096, ~2.5 TB/s at the 0.2 ms goal
+#   instead of ~5. Two stages keep it at 161 registers and 98.5 KiB (two programs per SM), no stack
+#   (64 x 128 on 4 warps: 152 registers, 115 KiB).
+# - float32 (both modes): the IEEE FMA dot holds both operand slices for the whole d in registers, so it
+#   needs few accumulators per thread: 32 x 64 on 8 warps with 3 stages on the loop takes 64 registers
+#   (on 4 warps, or with the launch's default pipelining, it spilled 632-656 bytes of stack per thread).
 _BLOCKS = {
-    (False, torch.float32): (32, 64, 4, None, 1),
-    (False, torch.bfloat16): (64, 128, 4, None, 1),
-    (False, torch.float16): (64, 128, 4, None, 1),
+    (False, torch.float32): (32, 64, 8, 3, 1),
+    (False, torch.bfloat16): (128, 128, 8, 2, 1),
+    (False, torch.float16): (128, 128, 8, 2, 1),
     (True, torch.float32): (32, 64, 8, 3, 1),
     (True, torch.bfloat16): (128, 128, 8, 2, 3),
     (True, torch.float16): (128, 128, 8, 2, 2),
