@@ -250,10 +250,11 @@ def random_engine(config: KelixARConfig, device: torch.device, dtype: torch.dtyp
 
 def random_dit(config: KelixDiTConfig, device: torch.device, dtype: torch.dtype) -> KelixDiT:
     """A :class:`KelixDiT` of ``config`` with random weights, built on the meta device, then
-    materialised on ``device``."""
+    materialised on ``device`` and processed as after a load (the fused projections)."""
     with torch.device("meta"):
         dit = KelixDiT(config)
     materialise(dit, device, dtype, seed=2)
+    dit.process_weights_after_loading()
     return dit.eval()
 
 

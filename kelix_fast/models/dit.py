@@ -178,6 +178,11 @@ class KelixDiT(nn.Module):
 
     # ------------------------------------------------------------------ loading
 
+    def process_weights_after_loading(self) -> None:
+        """Fuse each block's self-attention q/k/v projections into one GEMM (called by the loader)."""
+        for block in self.blocks:
+            block.attn.fuse_projections()
+
     @classmethod
     def from_pretrained(
         cls,
