@@ -118,8 +118,8 @@ class LinearSelfAttention(FusedProjections):
     """``attn``: LiteLA, ReLU linear attention over the latent tokens, no mask, no positions (§3.5.1).
 
     q/k/v run as one GEMM (``qkv``, [3D, D]) once :meth:`fuse_projections` has run: one launch and
-    three times the output tiles of a [L, D] x [D, D] GEMM, which alone fills about half of an
-    H100/H200's SMs at 1024 px (1,024 tokens, D = 2,240).
+    three times the output tiles of a [L, D] x [D, D] GEMM, which at 1024 px (1,024 tokens per image,
+    D = 2,240) has 72 tiles of 128 x 256 for an H100/H200's 132 SMs.
     """
 
     _fusions = (("qkv", None, ("to_q", "to_k", "to_v")),)
