@@ -46,8 +46,10 @@ _SEED_SALT = 0x9E3779B9
 _TARGET_PROGRAMS = 528  # ~4 programs per SM on H100/H200 (132 SMs): enough splits to fill the GPU
 # (BLOCK_M_MAX, BLOCK_V, BLOCK_D, num_warps) per mode on a GPU; BLOCK_M is the row count rounded up to a
 # power of two (at least 16, the minimum M of tl.dot) and capped at BLOCK_M_MAX. The candidate mode holds
-# [BLOCK_M, KEEP] int64 keys in registers next to the tile, hence its smaller row block.
-_BLOCKS = {"max": (64, 128, 64, 8), "candidates": (32, 128, 64, 8)}
+# [BLOCK_M, KEEP] int64 keys in registers next to the tile, hence its smaller row and vocabulary blocks:
+# with 128-id tiles it spilled on sm_90a (bf16: 528 B of stack per thread at 32 rows, 104 B at 16),
+# with 64-id tiles it does not (255 and 254 registers).
+_BLOCKS = {"max": (64, 128, 64, 8), "candidates": (32, 64, 64, 8)}
 # Under the interpreter every (program x loop iteration) costs milliseconds: one split, wide tiles.
 _INTERPRETER_BLOCKS = (64, 256, 64, 4)
 _NORM_BLOCK_D = 1024
