@@ -1,8 +1,8 @@
 """Checks of arguments, one per kind of argument (scalars, and the finiteness of tensor data), shared
-by every layer: the ops, the processor, the presets, the runtime and the public entry points. ``name`` is the argument as the caller's message
-should name it (``"seed"``, ``"rms_norm: eps"``); each check raises ``TypeError`` for a wrong Python
-type and ``ValueError`` for a value out of range, naming ``name``, the expected value and the value
-got, and computes nothing.
+by every layer: the ops, the processor, the presets, the runtime and the public entry points. ``name``
+is the argument as the caller's message should name it (``"seed"``, ``"rms_norm: eps"``); each check
+raises ``TypeError`` for a wrong Python type and ``ValueError`` for a value out of range, naming
+``name``, the expected value and the value got, and computes nothing.
 
 Integers are Python ints or numpy integer scalars, never bools (``True`` is an ``int`` in Python, and
 a flag passed where a count or an id belongs is a caller's bug, not the value 1).

@@ -7,8 +7,8 @@ then the product), and one pass over the data instead of two.
 
 The grid is rows x column blocks, not one program per whole row: at decode a step has a handful of rows
 of I = 12288 (Qwen3-8B), and one program per row would stream each 48 KB row through a single SM.
-``_BLOCK_H`` columns per program give every thread 16-byte loads of a 16-bit dtype (8 elements x 128
-threads) and 12 programs per row at I = 12288.
+``_BLOCK_COLS`` columns per program give every thread 16-byte loads of a 16-bit dtype (8 elements x
+128 threads) and 12 programs per row at I = 12288.
 
 Numerics follow the reference ``F.silu(g) * u`` step by step: ``g / (1 + exp(-g))`` in float32 (with a
 correctly rounded division, as torch's), rounded to the input dtype, then the product computed in
@@ -27,11 +27,11 @@ from ._rounding import cast_rne, interpreted, round_to
 
 # (rows, columns) per program. GPU: one row, 1024 columns with 4 warps (8 columns per thread).
 _BLOCK_ROWS = 1
-_BLOCK_H = 1024
+_BLOCK_COLS = 1024
 _NUM_WARPS = 4
 # The interpreter pays per program, not per element: many rows and wide column blocks.
 _BLOCK_ROWS_INTERPRETER = 16
-_BLOCK_H_INTERPRETER = 4096
+_BLOCK_COLS_INTERPRETER = 4096
 
 
 @triton.jit
@@ -42,11 +42,11 @@ def _silu_mul_kernel(
     n_cols,  # I
     stride_x_row,
     BLOCK_ROWS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
     BF16_BY_BITS: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     dtype = out_ptr.dtype.element_ty
     gate_ptrs = x_ptr + rows[:, None] * stride_x_row + cols[None, :]
@@ -74,10 +74,10 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor) -> None:
         return
     if interpreted(_silu_mul_kernel):
         block_rows = _BLOCK_ROWS_INTERPRETER
-        block_h = min(_BLOCK_H_INTERPRETER, triton.next_power_of_2(n_cols))
+        block_cols = min(_BLOCK_COLS_INTERPRETER, triton.next_power_of_2(n_cols))
     else:
-        block_rows, block_h = _BLOCK_ROWS, _BLOCK_H
-    grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_h))
+        block_rows, block_cols = _BLOCK_ROWS, _BLOCK_COLS
+    grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols))
     _silu_mul_kernel[grid](
         rows,
         out,
@@ -85,7 +85,7 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor) -> None:
         n_cols,
         rows.stride(0),
         BLOCK_ROWS=block_rows,
-        BLOCK_H=block_h,
+        BLOCK_COLS=block_cols,
         BF16_BY_BITS=interpreted(_silu_mul_kernel),
         num_warps=_NUM_WARPS,
     )

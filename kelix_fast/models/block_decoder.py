@@ -15,7 +15,13 @@ from torch import nn
 from kelix_fast import ops
 from kelix_fast.config import BlockDecoderConfig
 from kelix_fast.models.kv_cache import KVCache
-from kelix_fast.models.layers import FusedProjections, SwiGLU, Table, fused_linear
+from kelix_fast.models.layers import (
+    FusedProjections,
+    SwiGLU,
+    Table,
+    fuse_all_projections,
+    fused_linear,
+)
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm default of the official sa_norm/mlp_norm
 
@@ -81,9 +87,7 @@ class BlockDecoder(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Fuse each layer's q/k/v and gate/up projections (one GEMM each)."""
-        for layer in self.transformer.layers:
-            layer.attn.fuse_projections()
-            layer.mlp.fuse_projections()
+        fuse_all_projections(self)
 
     def used_position_rows(self) -> dict[str, tuple[int, int]]:
         """Only rows ``0 .. max_length-1`` of the position table are ever read (``token_head.``-relative)."""

@@ -41,6 +41,7 @@ from kelix_fast.models.dit_positions import (
     _sincos_pos_embed,
     dit_position_args,
 )
+from kelix_fast.models.layers import fuse_all_projections
 from kelix_fast.weights import (
     SafetensorsCheckpoint,
     build_model,
@@ -180,8 +181,7 @@ class KelixDiT(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """Fuse each block's self-attention q/k/v projections into one GEMM (called by the loader)."""
-        for block in self.blocks:
-            block.attn.fuse_projections()
+        fuse_all_projections(self)
 
     @classmethod
     def from_pretrained(

@@ -49,22 +49,22 @@ class FusedProjections(nn.Module):
                 self.register_buffer(bias_name, None, persistent=False)
 
     def fuse_projections(self) -> None:
-        for weight_name, bias_name, names in self._fusions:
+        for group in self._fusions:
+            _, bias_name, names = group
             linears = [getattr(self, name) for name in names]
             weight = torch.cat([linear.weight for linear in linears])
             bias = None if bias_name is None else torch.cat([linear.bias for linear in linears])
-            self._share(weight_name, bias_name, weight, bias)
+            self._share(group, weight, bias)
 
     def _share(
         self,
-        weight_name: str,
-        bias_name: str | None,
+        group: tuple[str, str | None, tuple[str, ...]],
         weight: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> None:
-        """Hold ``weight`` (and ``bias``) as the group's fused tensors, its linears' parameters as
+        """Hold ``weight`` (and ``bias``) as ``group``'s fused tensors, its linears' parameters as
         views of their rows."""
-        names = next(group[2] for group in self._fusions if group[0] == weight_name)
+        weight_name, bias_name, names = group
         setattr(self, weight_name, weight)
         if bias_name is not None:
             setattr(self, bias_name, bias)
@@ -78,13 +78,22 @@ class FusedProjections(nn.Module):
             start = rows.stop
 
     def _apply(self, fn, recurse=True):
-        for weight_name, bias_name, _ in self._fusions:
+        for group in self._fusions:
+            weight_name, bias_name, _ = group
             weight = getattr(self, weight_name)
             if weight is not None:
                 bias = None if bias_name is None else getattr(self, bias_name)
-                self._share(weight_name, bias_name, fn(weight), None if bias is None else fn(bias))
+                self._share(group, fn(weight), None if bias is None else fn(bias))
         # The linears' parameters are now views already converted: fn leaves them as they are.
         return super()._apply(fn, recurse)
+
+
+def fuse_all_projections(model: nn.Module) -> None:
+    """:meth:`FusedProjections.fuse_projections` on every such submodule of ``model`` (a model's
+    ``process_weights_after_loading``, once its weights are bound)."""
+    for module in model.modules():
+        if isinstance(module, FusedProjections):
+            module.fuse_projections()
 
 
 def fused_linear(

@@ -12,7 +12,14 @@ from torch import nn
 from kelix_fast import ops
 from kelix_fast.config import LLMConfig
 from kelix_fast.models.kv_cache import KVCache
-from kelix_fast.models.layers import FusedProjections, RMSNorm, SwiGLU, Table, fused_linear
+from kelix_fast.models.layers import (
+    FusedProjections,
+    RMSNorm,
+    SwiGLU,
+    Table,
+    fuse_all_projections,
+    fused_linear,
+)
 
 
 def rope_tables(
@@ -125,9 +132,7 @@ class KelixLLM(nn.Module):
     def process_weights_after_loading(self) -> None:
         """Fuse each layer's q/k/v and gate/up projections (one GEMM each) and build the RoPE tables
         (float32, ``max_seq_len`` positions) on the weights' device."""
-        for layer in self.layers:
-            layer.attn.fuse_projections()
-            layer.mlp.fuse_projections()
+        fuse_all_projections(self)
         c = self.config
         cos, sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_base, self.norm.scale.device)
         self.register_buffer("rope_cos", cos, persistent=False)

@@ -8,10 +8,10 @@ The ops live in modules named after what they compute, never after an op, so tha
 a module: ``activation`` (``silu_mul``), ``codebook`` (``codebook_argmin``), ``embedding``
 (``block_embed``), ``selection`` (``head_select``), ``flash_attention`` (``attention``),
 ``decode_attention`` (``cached_attention``), ``dit_attention`` (``linear_attention``,
-``cross_attention``) and ``norm`` (``rms_norm``,
-``add_rms_norm``, ``rotate_half_rope``). Each kernel file of ``kelix_fast.triton_kernels`` and ``csrc/`` carries the name
-of its op, except the two attention kernels, named like their ops modules after their algorithm:
-``flash_attention`` and ``decode_attention``.
+``cross_attention``) and ``norm`` (``rms_norm``, ``add_rms_norm``, ``rotate_half_rope``). Each kernel
+file of ``kelix_fast.triton_kernels`` and ``csrc/`` carries the name of its op, except the two attention
+kernels, named like their ops modules after their algorithm: ``flash_attention`` and
+``decode_attention``.
 """
 
 import contextlib

@@ -1,5 +1,5 @@
-"""``rms_norm``: RMSNorm, optionally followed by the rotate-half RoPE (the Qwen3 QK-norm + RoPE) in one pass;
-``add_rms_norm``: the residual stream's add and the next RMSNorm in one pass.
+"""``rms_norm``: RMSNorm, optionally followed by the rotate-half RoPE (the Qwen3 QK-norm + RoPE) in one
+pass; ``add_rms_norm``: the residual stream's add and the next RMSNorm in one pass.
 
 At decode time every LLM layer normalises a handful of rows (the residual stream twice, q and k once
 each, then rotates q and k): unfused, that is about 25 tiny kernels per layer, 900 per step, whose fixed
@@ -147,8 +147,9 @@ def _reference(x, weight, eps, cos, sin, out, residual=None, summed=None) -> Non
 def _triton(x, weight, eps, cos, sin, out, residual=None, summed=None) -> None:
     kernels = triton_kernels.kernels_for("rms_norm", x)
     if residual is not None:
-        # The kernel reads the residual as dense rows (the engine's activations are contiguous).
-        x, residual = x.contiguous(), residual.contiguous()
+        # The kernel reads the residual as dense rows (the engine's activations are contiguous); x
+        # may be strided, as for rms_norm.
+        residual = residual.contiguous()
     kernels.rms_norm(x, weight, eps, cos, sin, out, residual, summed)
 
 

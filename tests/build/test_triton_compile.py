@@ -173,7 +173,7 @@ def silu_mul_config(dtype):
     # Qwen3-8B's MLP: I 12288 of a [n, 2I] gate/up projection, rows 2I apart (multiples of 16, which a
     # launch specializes: the up half and every row start are 16-byte aligned).
     pointers = {"x_ptr": dtype, "out_ptr": dtype}
-    constexprs = {"BLOCK_ROWS": silu_mul._BLOCK_ROWS, "BLOCK_H": silu_mul._BLOCK_H, "BF16_BY_BITS": False}
+    constexprs = {"BLOCK_ROWS": silu_mul._BLOCK_ROWS, "BLOCK_COLS": silu_mul._BLOCK_COLS, "BF16_BY_BITS": False}
     ints = {"n_cols": 12288, "stride_x_row": 2 * 12288}
     return (f"silu_mul-{dtype}", silu_mul._silu_mul_kernel, pointers, {}, constexprs, silu_mul._NUM_WARPS,
             ints)

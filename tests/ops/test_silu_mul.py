@@ -87,7 +87,7 @@ def test_triton_with_the_gpu_block_sizes(monkeypatch):
     1024 columns) I = 2500 spans three column programs, the last one partial."""
     kernels = triton_kernels.interpreted("silu_mul")
     monkeypatch.setattr(kernels, "_BLOCK_ROWS_INTERPRETER", kernels._BLOCK_ROWS)
-    monkeypatch.setattr(kernels, "_BLOCK_H_INTERPRETER", kernels._BLOCK_H)
+    monkeypatch.setattr(kernels, "_BLOCK_COLS_INTERPRETER", kernels._BLOCK_COLS)
     x = _inputs((3, 2 * 2500), torch.bfloat16, seed=4)
     got = ops.silu_mul(x, backend="triton")
     assert torch.equal(got, ops.silu_mul(x, backend="torch"))
